@@ -1,0 +1,293 @@
+"""Typed, strict run configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A stage's configuration is a tree of dataclasses. Sections (`model`, `data`, `train`) are shared by every
+stage so a user learns each key once. Loading is strict: an unknown key, a value of the wrong type or a value
+out of range stops the run at start-up with the key, the value and what is allowed.
+
+    cfg = load_config(PretrainConfig, "configs/tiny/pretrain.yaml", ["train.lr=3e-4", "seed=1"])
+
+Each field is documented once, in its `help` metadata; `llmstack <stage> --help` prints them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not acceptable; the message says which and what is allowed."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A config field with its documentation and numeric bounds (ge: >=, gt: >, le: <=)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = option(None, "Hugging Face Hub name or local directory of a causal LM to load.")
+    preset: str | None = option("llama-1m", "Named architecture to build with fresh weights when "
+                                "name_or_path is null (see llmstack.models.PRESETS).")
+    gguf_file: str | None = option(None, "GGUF file inside name_or_path to load (dequantised to torch).")
+    tokenizer: str | None = option(None, "Tokenizer name or directory. Default: the model's own; for a preset, a "
+                                   "byte-level BPE trained on data.train.")
+    vocab_size: int = option(4096, "Vocabulary size of a tokenizer trained for a preset model.", ge=259)
+    trust_remote_code: bool = option(False, "Run model code shipped with a Hub repository (off: it executes "
+                                     "arbitrary code).")
+
+    def validate(self, prefix: str) -> None:
+        if self.name_or_path is None and self.preset is None:
+            raise ConfigError(f"{prefix}: set '{prefix}.name_or_path' (load a model) or '{prefix}.preset' "
+                              "(build one)")
+        if self.gguf_file and not self.name_or_path:
+            raise ConfigError(f"'{prefix}.gguf_file' needs '{prefix}.name_or_path' (the directory holding it)")
+
+
+@dataclass
+class DataConfig:
+    train: str = option("synthetic", "Training data: a file (.txt, .jsonl, .json, .parquet, .gz), a directory, "
+                        "a `datasets` name ('name[:config][@split]') or 'synthetic[:N]' (the built-in corpus).")
+    eval: str | None = option(None, "Held-out data in the same forms; default: a slice of data.train "
+                              "(data.eval_fraction).")
+    text_field: str = option("text", "Field holding the text in JSON/Parquet records.")
+    block_size: int = option(256, "Tokens per training sequence (documents are packed into blocks).", ge=8)
+    eval_fraction: float = option(0.05, "Share of packed blocks held out for validation when data.eval is "
+                                  "not set.", ge=0.0, le=0.5)
+    streaming: bool = option(False, "Stream data.train instead of tokenising it into memory (for corpora "
+                             "larger than RAM).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = option(300, "Optimiser steps to train for.", ge=1)
+    batch_size: int = option(16, "Sequences per device per micro-batch.", ge=1)
+    grad_accum: int = option(1, "Micro-batches accumulated per optimiser step.", ge=1)
+    lr: float = option(3e-3, "Peak learning rate.", gt=0.0, le=1.0)
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Decay after warm-up.")
+    warmup_steps: int = option(30, "Linear warm-up steps from 0 to train.lr.", ge=0)
+    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of train.lr (cosine/linear).",
+                                 ge=0.0, le=1.0)
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to biases and norms).", ge=0.0)
+    adam_betas: list[float] = option(default_factory=lambda: [0.9, 0.95], help="AdamW (beta1, beta2).")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", ge=0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Mixed precision for forward/backward; "
+                                                        "weights and optimiser state stay fp32. fp16 needs CUDA.")
+    log_every: int = option(10, "Write metrics.jsonl and trackers every N steps.", ge=1)
+    eval_every: int = option(100, "Evaluate on held-out data every N steps (and at the end); 0 disables.", ge=0)
+    eval_batches: int = option(20, "Cap on evaluation micro-batches per process; 0 evaluates all.", ge=0)
+    save_every: int = option(100, "Write a resumable checkpoint every N steps (and at the end).", ge=1)
+    keep_last: int = option(2, "Checkpoints kept on disk; older ones are deleted.", ge=1)
+    report_to: list[str] = option(default_factory=list, help="Extra trackers: tensorboard, wandb.")
+    peak_tflops: float | None = option(None, "Per-device peak TFLOP/s for MFU; default: a datasheet table for "
+                                       "known GPUs, a measured GEMM on CPU.", gt=0.0)
+
+    def validate(self, prefix: str) -> None:
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"config key '{prefix}.adam_betas': {self.adam_betas!r} is not allowed; "
+                              "expected two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.warmup_steps >= self.max_steps and self.schedule != "constant":
+            raise ConfigError(f"config key '{prefix}.warmup_steps': {self.warmup_steps} leaves no decay within "
+                              f"{prefix}.max_steps={self.max_steps}; allowed: < max_steps")
+
+
+@dataclass
+class PretrainConfig:
+    """Causal-LM pretraining: a model learns to continue text."""
+
+    output_dir: str = option("runs/pretrain", "Run directory; re-running on it resumes.")
+    seed: int = option(0, "Seed for initialisation, data order and the held-out split.", ge=0)
+    model: ModelConfig = option(default_factory=ModelConfig)
+    data: DataConfig = option(default_factory=DataConfig)
+    train: TrainConfig = option(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Build `cls` from a YAML file (optional) and `key=value` overrides; raise ConfigError on any problem."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    _check_keys(cls, data, "", source)
+    for item in overrides or []:
+        _apply_override(cls, data, item)
+    return _build(cls, data, "")
+
+
+def _apply_override(cls: type, data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"command-line override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
+    parts = key.split(".")
+    _check_keys(cls, _nest(parts, None), "", f"command-line override {item!r}")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            known = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            where = f"'{prefix[:-1]}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{dotted}' in {source}.{hint} "
+                              f"Keys allowed at {where}: {', '.join(names)}")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            _check_keys(sub, value, f"{dotted}.", source)
+
+
+def _build(cls: type, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key, value, typ = f"{prefix}{f.name}", data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}': expected a section of keys, got {value!r}")
+            kwargs[f.name] = _build(typ, value, f"{key}.")
+        else:
+            kwargs[f.name] = _check_bounds(key, _coerce(key, value, typ), f.metadata)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if f.name not in data and not dataclasses.is_dataclass(hints[f.name]):
+            _check_bounds(f"{prefix}{f.name}", getattr(obj, f.name), f.metadata)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix[:-1] if prefix else "config")
+    return obj
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(typ))
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(typ))
+    if typing.get_origin(typ) is list:
+        return f"a list of {_type_name(typing.get_args(typ)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(typ, str(typ))
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Return `value` as `typ`, or raise ConfigError naming key, value and the expected type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(typ):
+            return None
+        for arg in (a for a in typing.get_args(typ) if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        allowed = typing.get_args(typ)
+        if value in allowed:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"config key '{key}': {value!r} is not allowed; allowed: "
+                          f"{', '.join(repr(a) for a in allowed)}.{hint}")
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_type,) = typing.get_args(typ)
+            return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    elif typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept any finite numeral.
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(typ)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_bounds(key: str, value: Any, meta: Any) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    checks = (("ge", ">=", lambda v, lim: v >= lim), ("gt", ">", lambda v, lim: v > lim),
+              ("le", "<=", lambda v, lim: v <= lim))
+    for name, word, holds in checks:
+        limit = meta.get(name)
+        if limit is not None and not holds(value, limit):
+            raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {word} {limit}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving and describing
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key: dotted name, type, default and help; for `--help`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        typ, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(typ):
+            lines += describe(typ, f"{key}.")
+            continue
+        lines.append(f"  {key} = {getattr(defaults, f.name)!r}  ({_type_name(typ)})  {f.metadata.get('help', '')}")
+    return lines
