@@ -1,0 +1,104 @@
+"""Causal language models: named presets for training from scratch, loading any Hugging Face model, saving.
+
+Everything goes in and out as Hugging Face objects (DESIGN rule 4): a preset is a `LlamaConfig`, a loaded
+model is whatever `AutoModelForCausalLM` returns, and saving is `save_pretrained` (safetensors) plus the
+tokenizer, so vLLM, TGI, peft and the Hub read the result as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+# Llama-style architectures for CPU work and small GPU runs. Embeddings are tied, so the parameter count in
+# the name includes the vocabulary matrix once, at the vocabulary size noted beside each preset.
+PRESETS: dict[str, dict] = {
+    # ~1.4M parameters at vocab 4096: CI and laptop smoke runs, minutes on 2 CPU cores.
+    "llama-1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                     intermediate_size=352),
+    # ~26M parameters at vocab 32000: benchmarks and realistic CPU runs.
+    "llama-25m": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=6,
+                      intermediate_size=1024),
+    # ~110M parameters at vocab 32000 (GPT-2-small sized): single-GPU pretraining.
+    "llama-110m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                       intermediate_size=2048),
+}
+
+
+def preset_config(name: str, vocab_size: int, max_positions: int, tokenizer=None) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    special = {}
+    if tokenizer is not None:
+        special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, tie_word_embeddings=True,
+                       rms_norm_eps=1e-5, attention_dropout=0.0, **PRESETS[name], **special)
+
+
+def build_from_preset(name: str, tokenizer, max_positions: int, seed: int) -> PreTrainedModel:
+    """Fresh weights for preset `name`, sized to the tokenizer (rounded up to a multiple of 64 for GEMMs)."""
+    vocab = -(-len(tokenizer) // 64) * 64
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(preset_config(name, vocab, max_positions, tokenizer))
+
+
+def load_causal_lm(name_or_path: str, gguf_file: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    """Any `AutoModelForCausalLM`, in fp32 (mixed precision is applied by the trainer, not the weights)."""
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = ("it is not a local directory, and the Hub could not be reached (offline?)"
+                if not Path(name_or_path).exists() else "the directory has no loadable model")
+        raise OSError(f"cannot load model.name_or_path={name_or_path!r}: {hint}. {err}") from err
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer.pad_token is None:
+        # Packed pretraining never pads inside a block; the final partial block needs some id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocab(model: PreTrainedModel, tokenizer) -> None:
+    """Some Hub tokenizers add tokens beyond the model's embedding matrix; that fails later as an index error."""
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {n_embed}; "
+                         "use the model's own tokenizer or resize the model's embeddings first")
+
+
+def matmul_params(model: PreTrainedModel) -> int:
+    """Parameters that take part in a matmul per token: all but an untied input embedding (a lookup)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    return total if tied else total - embed.numel()
+
+
+def save_model(model: PreTrainedModel, tokenizer, directory: str | Path, state_dict=None) -> None:
+    """`save_pretrained` (safetensors) plus tokenizer, into a temp dir renamed into place when complete."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        _remove_tree(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        _remove_tree(directory)
+    os.replace(tmp, directory)
+
