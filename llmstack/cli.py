@@ -1,0 +1,65 @@
+"""`llmstack <stage> --config FILE [key=value ...]`; recipes/<stage>.py take exactly the same arguments."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+
+from llmstack.config import ConfigError, PretrainConfig, describe, load_config
+from llmstack.trainers.base import NonFiniteLossError
+
+# stage -> (config class, "module:function" run lazily so `--help` does not import torch-heavy code)
+STAGES = {
+    "pretrain": (PretrainConfig, "llmstack.trainers.pretrain:pretrain"),
+}
+
+
+def parse_stage_args(stage: str, argv: list[str] | None):
+    config_cls, _ = STAGES[stage]
+    parser = argparse.ArgumentParser(
+        prog=f"llmstack {stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(config_cls.__doc__ or "").strip(),
+        epilog="configuration keys (set in the YAML file or as key=value):\n" + "\n".join(describe(config_cls)))
+    parser.add_argument("--config", help="YAML file with the run's configuration (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    args = parser.parse_args(argv)
+    return load_config(config_cls, args.config, args.overrides)
+
+
+def run_stage(stage: str, argv: list[str] | None = None) -> int:
+    """Run one stage and return the process exit code (0 done, 1 failed, 2 bad configuration, 128+N signal)."""
+    try:
+        cfg = parse_stage_args(stage, argv)
+    except ConfigError as err:
+        print(f"llmstack {stage}: configuration error: {err}", file=sys.stderr)
+        return 2
+    module, func = STAGES[stage][1].split(":")
+    try:
+        result = getattr(importlib.import_module(module), func)(cfg)
+    except NonFiniteLossError as err:
+        print(f"llmstack {stage}: {err}", file=sys.stderr)
+        return 1
+    if result is not None and result.status == "interrupted":
+        print(f"llmstack {stage}: interrupted at step {result.state.step}; a checkpoint was saved in "
+              f"{cfg.output_dir}/checkpoints. Re-run the same command to resume.", file=sys.stderr)
+        return 128 + result.signum
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: llmstack <stage> --config FILE [key=value ...]\n\nstages:")
+        for name, (cls, _) in STAGES.items():
+            print(f"  {name:10s} {(cls.__doc__ or '').strip()}")
+        print("\n`llmstack <stage> --help` lists every configuration key.")
+        sys.exit(0 if argv else 2)
+    stage = argv[0]
+    if stage not in STAGES:
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"llmstack: unknown stage {stage!r}.{hint} Stages: {', '.join(STAGES)}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run_stage(stage, argv[1:]))

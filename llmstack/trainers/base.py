@@ -1,0 +1,240 @@
+"""Mechanics every stage shares, written once: accelerator set-up, optimiser and schedule, checkpoints,
+signals, and the start-of-run report. Stages compose these functions; nothing here is a base class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+log = logging.getLogger("llmstack")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; no update was applied and no checkpoint was written after it."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Accelerator and the start-of-run report
+
+
+def make_accelerator(precision: str, grad_accum: int, trackers: list[str], project_dir: str) -> Accelerator:
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision=fp16 needs a CUDA device (it relies on loss scaling); "
+                         "use train.precision=bf16 or fp32 on CPU")
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    engine_flags = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+    if launched > 1 and not torch.cuda.is_available() and not any(
+            os.environ.get(flag, "").lower() in ("1", "true") for flag in engine_flags):
+        # Launched as N CPU processes, accelerate only builds a real DDP group when told it runs on CPU;
+        # otherwise each process trains alone while reporting world size N.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    # Without CUDA the default process-group backend is unusable; gloo runs multi-process CPU training.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched > 1 and not torch.cuda.is_available() else []
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
+                      log_with=trackers or None, project_dir=project_dir, kwargs_handlers=handlers)
+    if launched > 1 and (acc.num_processes != launched or acc.distributed_type == DistributedType.NO):
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate set up {acc.num_processes} "
+            f"({acc.distributed_type.value}): each would train alone. On CPU launch with "
+            "`ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/cpu-2proc.yaml ...`")
+    return acc
+
+
+def describe_world(accelerator: Accelerator) -> str:
+    return (f"world size {accelerator.num_processes} ({accelerator.distributed_type.value}), "
+            f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+
+
+def batch_arithmetic(batch_size: int, grad_accum: int, world_size: int, seq_len: int) -> str:
+    global_batch = batch_size * grad_accum * world_size
+    return (f"batch: {batch_size} per device x {grad_accum} accumulation x {world_size} processes = "
+            f"{global_batch} sequences per step x {seq_len} tokens = {global_batch * seq_len:,} tokens per step")
+
+
+def setup_logging(is_main: bool) -> None:
+    """Progress and start-up lines from the main process only, so N processes do not print N copies."""
+    level = logging.INFO if is_main else logging.WARNING
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[llmstack] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimiser and learning-rate schedule
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: list[float], weight_decay: float):
+    """AdamW; biases and norm gains (1-D tensors) are not decayed, as in GPT-3 and Llama training."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate for the update numbered `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "linear":
+        shape = 1.0 - progress
+    elif schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: cosine, linear, constant")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """A LambdaLR stepped once per optimiser update (never through accelerate, which would step it once per
+    process and so run the schedule N times too fast)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, schedule, warmup_steps, max_steps, min_lr_ratio))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class Checkpointer:
+    """Resumable checkpoints under `run_dir/checkpoints/step-NNNNNNNN`.
+
+    A checkpoint is written into a temporary directory and renamed into place only when complete, with a
+    manifest of file sizes, so a crash mid-write never leaves something that looks like a checkpoint, and a
+    checkpoint damaged later (a truncated copy, a deleted file) is detected and skipped with a warning.
+    Model, optimiser, scheduler and every process's RNG state go through `accelerator.save_state`.
+    """
+
+    def __init__(self, run_dir: str | Path, accelerator: Accelerator, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.accelerator = accelerator
+        self.keep_last = keep_last
+
+    def save(self, step: int, state: dict) -> Path:
+        acc = self.accelerator
+        tmp, final = self.root / f".tmp-step-{step:08d}", self.root / f"step-{step:08d}"
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            with open(tmp / STATE_FILE, "w") as fh:
+                json.dump({"step": step, **state, "manifest": manifest}, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        for path in self._step_dirs()[self.keep_last:]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _step_dirs(self) -> list[Path]:
+        """Complete-looking checkpoint directories, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def latest(self) -> Path | None:
+        """The newest valid checkpoint; damaged or partial ones are skipped with a warning naming the problem."""
+        for partial in self.root.glob(".tmp-step-*") if self.root.is_dir() else []:
+            warnings.warn(f"ignoring {partial}: a checkpoint whose write did not finish", stacklevel=2)
+        for path in self._step_dirs():
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warnings.warn(f"ignoring checkpoint {path}: {problem}; falling back to an older one", stacklevel=2)
+        return None
+
+    def load(self, path: Path) -> dict:
+        self.accelerator.load_state(str(path))
+        return json.loads((path / STATE_FILE).read_text())
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a usable checkpoint, or None when every file in its manifest is present and whole."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        manifest = state["manifest"]
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing (the save did not complete)"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{STATE_FILE} is unreadable"
+    for name, size in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pre-emption
+
+
+class StopOnSignal:
+    """Turns SIGTERM/SIGINT into a request the loop honours at the next step boundary (checkpoint, then exit).
+
+    A second SIGINT falls through to Python's default, so Ctrl-C twice still aborts at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """True on every process as soon as any process received a signal."""
+        flag = torch.tensor(0 if self.signum is None else 1, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "sum")
+        return bool(flag.item())

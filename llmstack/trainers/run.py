@@ -1,0 +1,122 @@
+"""A run's life: open the run directory (or notice it is finished), resume, and close it with a model, a
+record and a model card. Every stage calls these in the same order, so every run directory looks the same:
+
+    config.yaml  metrics.jsonl  record.json  model/  checkpoints/  MODEL_CARD.md
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from llmstack.config import save_config, to_dict
+from llmstack.models.causal_lm import save_model
+from llmstack.trainers.base import Checkpointer, describe_world, log, make_accelerator, setup_logging
+from llmstack.tracking.metrics import MetricsLog, tracker_names
+from llmstack.tracking.record import RunRecord, write_model_card
+
+
+@dataclass
+class Run:
+    """Handles a stage needs while it trains; `finished` runs need nothing more."""
+
+    cfg: object
+    stage: str
+    dir: Path
+    accelerator: Accelerator
+    checkpointer: Checkpointer
+    metrics: MetricsLog
+    record: RunRecord | None
+    finished: bool = False
+
+
+def open_run(cfg, stage: str) -> Run:
+    """Set up the accelerator and the run directory; a run already finished there is reported, not redone."""
+    train = cfg.train
+    trackers = tracker_names(train.report_to)
+    out = Path(cfg.output_dir)
+    acc = make_accelerator(train.precision, train.grad_accum, trackers, str(out))
+    setup_logging(acc.is_main_process)
+    log.info(f"{stage}: {describe_world(acc)}")
+    checkpointer = Checkpointer(out, acc, train.keep_last)
+    metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process, acc.log if trackers else None)
+    if finished_record(out) is not None:
+        log.info(f"{stage}: {out} holds a finished run (record.json status 'finished'); nothing to do. "
+                 f"Use another output_dir to train again.")
+        return Run(cfg, stage, out, acc, checkpointer, metrics, None, finished=True)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        warn_config_changes(out / "config.yaml", to_dict(cfg))
+        save_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    if trackers:
+        acc.init_trackers(stage, config=_flat(to_dict(cfg)))
+    set_seed(cfg.seed)
+    record = RunRecord(out, stage, to_dict(cfg), inputs={}, parent=None) if acc.is_main_process else None
+    return Run(cfg, stage, out, acc, checkpointer, metrics, record)
+
+
+def finished_record(run_dir: Path) -> dict | None:
+    path = run_dir / "record.json"
+    if not path.is_file() or not (run_dir / "model").is_dir():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("status") == "finished" else None
+
+
+def warn_config_changes(path: Path, new: dict) -> None:
+    """Resuming with different settings is allowed (e.g. more max_steps) but must never pass unnoticed."""
+    if not path.is_file():
+        return
+    old = _flat(yaml.safe_load(path.read_text()) or {})
+    changed = {k: (old.get(k), v) for k, v in _flat(new).items() if old.get(k) != v}
+    for key, (before, after) in changed.items():
+        log.warning(f"config key '{key}' changed since this run started: {before!r} -> {after!r}")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if not isinstance(value, list) else str(value)
+    return out
+
+
+def resume(run: Run, batches, restore) -> object | None:
+    """Load the newest valid checkpoint into the prepared objects; returns what `restore` makes of its state."""
+    path = run.checkpointer.latest()
+    if path is None:
+        return None
+    saved = run.checkpointer.load(path)
+    run.metrics.truncate_after(saved["step"])
+    log.info(f"{run.stage}: resuming from {path} (step {saved['step']})")
+    return restore(saved, batches)
+
+
+def close_run(run: Run, model, tokenizer, status: str, summary: dict) -> None:
+    """Save the final model (on success) and the record; every process must call this."""
+    acc = run.accelerator
+    if status == "finished":
+        state_dict = acc.get_state_dict(model)
+        if acc.is_main_process:
+            save_model(acc.unwrap_model(model), tokenizer, run.dir / "model", state_dict=state_dict)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.record.update(metrics=summary)
+        run.record.finish(status)
+        if status == "finished":
+            write_model_card(run.dir, run.record.data)
+    # Trackers only: accelerate's end_training would also tear down the process group, which the caller
+    # (a pipeline running the next stage, a test comparing ranks) may still need.
+    for tracker in acc.trackers:
+        tracker.finish()
+    if status == "finished":
+        log.info(f"{run.stage}: done. Model in {run.dir / 'model'}, record in {run.dir / 'record.json'}")
+

@@ -1,0 +1,17 @@
+"""Causal-LM pretraining.
+
+    python recipes/pretrain.py --config configs/tiny/pretrain.yaml [key=value ...]
+    accelerate launch --config_file configs/accelerate/<setup>.yaml recipes/pretrain.py --config ...
+"""
+
+import sys
+
+from llmstack.cli import run_stage
+
+
+def main(argv=None) -> int:
+    return run_stage("pretrain", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Two real processes (DDP over gloo): parameters stay identical across ranks, and training on a global batch
+split over 2 processes matches 1 process on the same global batch."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmstack.config import PretrainConfig, load_config
+from llmstack.trainers.pretrain import pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = ["model.preset=llama-1m", "model.vocab_size=384", "data.train=synthetic:300", "data.block_size=32",
+          "train.lr=3e-3", "train.warmup_steps=2", "train.max_steps=6", "train.log_every=1", "train.eval_every=3",
+          "train.eval_batches=2", "train.save_every=3"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_training_keeps_ranks_identical_and_matches_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "configs/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port()),
+           str(REPO / "tests/trainers/two_process_pretrain.py"), str(out), *COMMON, "train.batch_size=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["world_size"] == 2, "the launcher must start two processes in one process group"
+    assert ranks["max_abs_diff_across_ranks"] == 0.0
+    assert "world size 2" in proc.stderr
+
+    single = pretrain(load_config(PretrainConfig, None, [f"output_dir={tmp_path / 'one'}", *COMMON,
+                                                         "train.batch_size=4"]))
+    ddp_weights = load_file(out / "model" / "model.safetensors")
+    for name, value in single.model.state_dict().items():
+        if name in ddp_weights:
+            torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=2e-6, msg=name)
+    ddp_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    one_rows = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in one_rows], rel=1e-5)
+    assert ddp_rows[-1]["eval_loss"] == pytest.approx(one_rows[-1]["eval_loss"], rel=1e-5)
