@@ -1,0 +1,73 @@
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmstack.data.sources import DataError, describe_source, iter_documents
+from llmstack.data.synthetic import corpus
+from llmstack.tracking.record import file_sha256
+
+
+def test_jsonl_records_in_order_and_blank_documents_skipped(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "  "}\n{"text": "two", "id": 3}\n')
+    assert list(iter_documents(str(path))) == ["one", "two"]
+
+
+def test_text_file_is_one_document_without_bom_or_crlf(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_bytes("\ufeffFirst line\r\nSecond line\r\n".encode("utf-8"))
+    assert list(iter_documents(str(path))) == ["First line\nSecond line\n"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"body": "x", "id": 1}\n', r"b\.jsonl, line 2: missing field 'text' \(the record has: body, id\)"),
+    ('{"text": "ok"}\n{"text": 5}\n', r"b\.jsonl, line 2: field 'text' must be a string, got int"),
+    ('{"text": "ok"}\n{"text": "unterminated\n', r"b\.jsonl, line 2: invalid JSON"),
+    ('["text"]\n', r"b\.jsonl, line 1: expected a JSON object, got list"),
+])
+def test_bad_records_name_file_line_and_field(tmp_path, content, message):
+    path = tmp_path / "b.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        list(iter_documents(str(path)))
+
+
+def test_json_array_parquet_and_gzip_with_custom_field(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"body": "from json"}]))
+    pq.write_table(pa.table({"body": ["from parquet 1", "from parquet 2"]}), tmp_path / "b.parquet")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:
+        fh.write('{"body": "from gzip"}\n')
+    (tmp_path / "notes.md").write_text("ignored: not a data file")
+    assert list(iter_documents(str(tmp_path), text_field="body")) == \
+        ["from json", "from parquet 1", "from parquet 2", "from gzip"]
+
+
+def test_parquet_without_the_column_lists_columns(tmp_path):
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d\.parquet: missing column 'text' \(columns: content\)"):
+        list(iter_documents(str(tmp_path / "d.parquet")))
+
+
+def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file or directory not found: ./nope/corpus.jsonl"):
+        iter_documents("./nope/corpus.jsonl")
+
+
+def test_synthetic_corpus_is_deterministic_and_seeded():
+    assert corpus(50, seed=0) == corpus(50, seed=0)
+    assert corpus(50, seed=0) != corpus(50, seed=1)
+    assert list(iter_documents("synthetic:7")) == corpus(7)
+
+
+def test_describe_source_fingerprints_local_files(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("hello")
+    described = describe_source(str(path))
+    assert described["files"] == [{"path": str(path), "bytes": 5,
+                                   "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}]
+    assert file_sha256(path) == described["files"][0]["sha256"]
+    assert describe_source("org/corpus:en@validation") == {"spec": "org/corpus:en@validation", "dataset": "org/corpus",
+                                                           "config": "en", "split": "validation"}
