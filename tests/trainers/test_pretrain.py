@@ -4,6 +4,10 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +147,29 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((out / "record.json").read_text())["status"].startswith("failed: the training loss is nan")
     assert not (out / "model").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_process_saves_exits_128_plus_signal_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, f"output_dir={out}", "train.schedule=constant", "train.warmup_steps=0", "train.eval_every=0",
+            "train.save_every=1000"]
+    script = Path(__file__).resolve().parents[2] / "recipes/pretrain.py"
+    proc = subprocess.Popen([sys.executable, str(script), *args, "train.max_steps=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(metric_rows(out)) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped_at = metric_rows(out)[-1]["step"]
+    assert f"interrupted at step {stopped_at}" in err
+    assert Checkpointer(out, None, 2).latest().name == f"step-{stopped_at:08d}"
+    assert json.loads((out / "record.json").read_text())["status"] == "interrupted"
+
+    resumed = pretrain(load_config(PretrainConfig, None, [*args, f"train.max_steps={stopped_at + 2}"]))
+    assert resumed.status == "finished"
+    assert [r["step"] for r in metric_rows(out)] == list(range(1, stopped_at + 3))
