@@ -41,11 +41,21 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"llmstack {stage}: {err}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
     if result is not None and result.status == "interrupted":
         print(f"llmstack {stage}: interrupted at step {result.state.step}; a checkpoint was saved in "
               f"{cfg.output_dir}/checkpoints. Re-run the same command to resume.", file=sys.stderr)
         return 128 + result.signum
     return 0
+
+
+def _close_process_group() -> None:
+    """The process is about to exit: a gloo/NCCL group left open aborts some ranks at interpreter shutdown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

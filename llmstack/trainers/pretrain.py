@@ -129,6 +129,7 @@ def pretrain(cfg: PretrainConfig) -> LoopResult | None:
         run.record.update(inputs=_inputs(cfg), parent=find_parent(cfg.model.name_or_path),
                           data={**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer)},
                           model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params},
+                          resumed_from_step=state.step or None,
                           compute={"world_size": acc.num_processes, "device": str(acc.device),
                                    "peak_flops_per_device": peak, "peak_source": peak_source})
         run.record.save()

@@ -1,5 +1,6 @@
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,3 +72,16 @@ def test_describe_source_fingerprints_local_files(tmp_path):
     assert file_sha256(path) == described["files"][0]["sha256"]
     assert describe_source("org/corpus:en@validation") == {"spec": "org/corpus:en@validation", "dataset": "org/corpus",
                                                            "config": "en", "split": "validation"}
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "gutenberg").is_dir(), reason="shared/data is not present")
+def test_real_gutenberg_directory_reads_without_bom_or_crlf(tokenizer):
+    docs = list(iter_documents(str(SHARED / "gutenberg")))
+    assert len(docs) == 3
+    assert all(not d.startswith("\ufeff") and "\r" not in d for d in docs)
+    assert "Pride and Prejudice" in docs[0]  # 1342-0.txt sorts first
+    sample = docs[1][100_000:110_000]
+    assert tokenizer.decode(tokenizer.encode(sample, add_special_tokens=False)) == sample

@@ -22,3 +22,4 @@ if dist.get_rank() == 0:
               "max_abs_diff_across_ranks": max((g - gathered[0]).abs().max().item() for g in gathered)}
     with open(f"{out}/ranks.json", "w") as fh:
         json.dump(report, fh)
+dist.destroy_process_group()
