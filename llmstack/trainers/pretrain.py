@@ -23,7 +23,8 @@ def _lm_loss_sum(model, batch: dict) -> torch.Tensor:
     return causal_lm_loss_sum(logits, batch["labels"])
 
 
-LM_OBJECTIVE = SupervisedObjective(loss_sum=_lm_loss_sum, count_targets=lambda b: count_targets(b["labels"]))
+LM_OBJECTIVE = SupervisedObjective(loss_sum=_lm_loss_sum, count_targets=lambda b: count_targets(b["labels"]),
+                                   perplexity=True)
 
 
 def prepare_tokenizer(cfg: PretrainConfig, run: Run):

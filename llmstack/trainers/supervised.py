@@ -29,6 +29,7 @@ class SupervisedObjective:
     loss_sum: Callable[[torch.nn.Module, dict], torch.Tensor]
     count_targets: Callable[[dict], int]
     count_tokens: Callable[[dict], int] = lambda batch: batch["input_ids"].numel()
+    perplexity: bool = False  # the loss is a token-mean cross-entropy, so exp(loss) means something
 
 
 @dataclass
@@ -146,6 +147,8 @@ def train_supervised(acc: Accelerator, model, optimizer, scheduler, batches, obj
             row = {}
             if state.step % train.log_every == 0 or last:
                 row = window.summary()
+                if objective.perplexity:
+                    row["ppl"] = math.exp(min(row["loss"], 80.0))
                 row["lr"] = lr
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm

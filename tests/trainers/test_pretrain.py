@@ -45,14 +45,18 @@ def metric_rows(run_dir):
 
 @pytest.mark.slow
 def test_pretraining_writes_the_run_directory_and_lowers_perplexity(tmp_path):
-    cfg = config(tmp_path, "run", "train.max_steps=80", "train.eval_every=40", "train.save_every=40")
+    cfg = config(tmp_path, "run", "train.max_steps=80", "train.eval_every=40", "train.save_every=40",
+                 "train.report_to=[tensorboard]")
     result = pretrain(cfg)
     out = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "record.json", "MODEL_CARD.md", "model", "checkpoints"):
         assert (out / name).exists(), name
     rows = metric_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 81))
-    assert all({"loss", "tokens_per_s", "lr"} <= r.keys() for r in rows)
+    assert all({"loss", "ppl", "tokens_per_s", "lr", "mfu"} <= r.keys() for r in rows)
+    assert rows[0]["ppl"] == pytest.approx(math.exp(rows[0]["loss"]))
+    assert rows[0]["lr"] == pytest.approx(3e-3 / 2)  # first warm-up step of 2
+    assert list((out / "pretrain").rglob("events.out.tfevents.*")), "tensorboard was asked for"
     record = json.loads((out / "record.json").read_text())
     assert record["status"] == "finished"
     before, after = record["metrics"]["initial_eval_ppl"], record["metrics"]["final_eval_ppl"]
