@@ -31,33 +31,30 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8-sig", newline=None)
 
 
-def _text_of(record, field: str, path: Path, where: str) -> str:
+def _text_of(record, field: str, where: str) -> str:
     if not isinstance(record, dict):
-        raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if field not in record:
-        raise DataError(f"{path}, {where}: missing field '{field}' (the record has: {', '.join(record) or 'nothing'}); "
+        raise DataError(f"{where}: missing field '{field}' (the record has: {', '.join(record) or 'nothing'}); "
                         "set data.text_field to the field holding the text")
     value = record[field]
     if not isinstance(value, str):
-        raise DataError(f"{path}, {where}: field '{field}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
     return value
 
 
-def _read_file(path: Path, field: str) -> Iterator[str]:
+def _file_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) pairs of a JSONL, JSON or Parquet file; `where` names the file and the record."""
     kind = _kind(path)
-    if kind.startswith(".txt"):
-        with _open_text(path) as fh:
-            yield fh.read()
-    elif kind.startswith(".jsonl"):
+    if kind.startswith(".jsonl"):
         with _open_text(path) as fh:
             for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    yield f"{path}, line {number}", json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}, line {number}: invalid JSON ({err.msg})") from err
-                yield _text_of(record, field, path, f"line {number}")
     elif kind.startswith(".json"):
         with _open_text(path) as fh:
             try:
@@ -67,25 +64,15 @@ def _read_file(path: Path, field: str) -> Iterator[str]:
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
         for index, record in enumerate(records):
-            yield _text_of(record, field, path, f"record {index}")
+            yield f"{path}, record {index}", record
     else:
-        yield from _read_parquet(path, field)
+        import pyarrow.parquet as pq
 
-
-def _read_parquet(path: Path, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    table = pq.ParquetFile(path)
-    if field not in table.schema_arrow.names:
-        raise DataError(f"{path}: missing column '{field}' (columns: {', '.join(table.schema_arrow.names)}); "
-                        "set data.text_field to the column holding the text")
-    index = 0
-    for batch in table.iter_batches(columns=[field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            if not isinstance(value, str):
-                raise DataError(f"{path}, row {index}: column '{field}' must be a string, got {type(value).__name__}")
-            index += 1
-            yield value
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield f"{path}, row {index}", record
+                index += 1
 
 
 def local_files(spec: str) -> list[Path]:
@@ -118,6 +105,24 @@ def _synthetic_count(spec: str) -> int | None:
     return None
 
 
+def iter_records(spec: str) -> Iterator[tuple[str, object]]:
+    """(where, record) pairs from JSONL/JSON/Parquet files, a directory of them, or a `datasets` name."""
+    if Path(spec).exists():
+        for path in local_files(spec):
+            if _kind(path).startswith(".txt"):
+                raise DataError(f"{path}: a plain-text file holds no records; records come from "
+                                ".jsonl, .json or .parquet files")
+            yield from _file_records(path)
+    elif _looks_like_path(spec):
+        raise FileNotFoundError(f"data file or directory not found: {spec}")
+    else:
+        import datasets
+
+        name, config, split = _parse_dataset(spec)
+        for index, record in enumerate(datasets.load_dataset(name, config, split=split, streaming=True)):
+            yield f"{spec}, record {index}", record
+
+
 def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
     """Documents of `spec` in a fixed order; empty and whitespace-only documents are skipped."""
     n_synthetic = _synthetic_count(spec)
@@ -126,20 +131,21 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
 
         docs = iter(corpus(n_synthetic))
     elif Path(spec).exists():
-        docs = (doc for path in local_files(spec) for doc in _read_file(path, text_field))
+        docs = (doc for path in local_files(spec) for doc in _documents_in(path, text_field))
     elif _looks_like_path(spec):
         raise FileNotFoundError(f"data file or directory not found: {spec}")
     else:
-        docs = _iter_dataset(spec, text_field)
+        docs = (_text_of(record, text_field, where) for where, record in iter_records(spec))
     return (doc for doc in docs if doc.strip())
 
 
-def _iter_dataset(spec: str, text_field: str) -> Iterator[str]:
-    import datasets
-
-    name, config, split = _parse_dataset(spec)
-    for index, record in enumerate(datasets.load_dataset(name, config, split=split, streaming=True)):
-        yield _text_of(record, text_field, Path(spec), f"record {index}")
+def _documents_in(path: Path, text_field: str) -> Iterator[str]:
+    if _kind(path).startswith(".txt"):
+        with _open_text(path) as fh:
+            yield fh.read()
+    else:
+        for where, record in _file_records(path):
+            yield _text_of(record, text_field, where)
 
 
 def describe_source(spec: str) -> dict:

@@ -48,7 +48,7 @@ def test_json_array_parquet_and_gzip_with_custom_field(tmp_path):
 
 def test_parquet_without_the_column_lists_columns(tmp_path):
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "d.parquet")
-    with pytest.raises(DataError, match=r"d\.parquet: missing column 'text' \(columns: content\)"):
+    with pytest.raises(DataError, match=r"d\.parquet, row 0: missing field 'text' \(the record has: content\)"):
         list(iter_documents(str(tmp_path / "d.parquet")))
 
 
