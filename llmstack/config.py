@@ -114,6 +114,51 @@ class PretrainConfig:
     train: TrainConfig = option(default_factory=TrainConfig)
 
 
+@dataclass
+class ChatDataConfig:
+    train: str = option("synthetic", "Conversations: JSONL/JSON/Parquet files or a directory of them with "
+                        "{'messages'} or {'prompt', 'completion'} records, a `datasets` name, or 'synthetic'.")
+    eval: str | None = option(None, "Held-out conversations; default: a slice of data.train (data.eval_fraction).")
+    eval_fraction: float = option(0.05, "Share of conversations held out when data.eval is not set.",
+                                  ge=0.0, le=0.5)
+    messages_field: str = option("messages", "Field holding a list of {role, content} messages.")
+    prompt_field: str = option("prompt", "Field holding the prompt (text or messages) of prompt/completion records.")
+    completion_field: str = option("completion", "Field holding the answer (text or messages).")
+    max_length: int = option(512, "Tokens per row; longer conversations are handled by data.overlong.", ge=16)
+    overlong: Literal["truncate", "drop"] = option("truncate", "Cut conversations longer than data.max_length "
+                                                   "from the right, or leave them out (counted either way).")
+    packing: bool = option(True, "Put several conversations in one row with attention kept inside each.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = option(False, "Train low-rank adapters (peft) instead of all weights.")
+    r: int = option(16, "Adapter rank.", ge=1)
+    alpha: int = option(32, "Adapter scale numerator (scale = alpha / r).", ge=1)
+    dropout: float = option(0.0, "Dropout on the adapter input.", ge=0.0, le=0.9)
+    target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"],
+                                       help="Module names (suffixes) that get adapters.")
+    merge: bool = option(True, "Save the adapters merged into the base weights (a plain model); false saves "
+                         "the adapters alone in peft format.")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: a pretrained model learns to answer, with the loss on the answers only."""
+
+    output_dir: str = option("runs/sft", "Run directory; re-running on it resumes.")
+    seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
+    model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
+    data: ChatDataConfig = option(default_factory=ChatDataConfig)
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=10, max_steps=200))
+    lora: LoraConfig = option(default_factory=LoraConfig)
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    sample_prompts: int = option(4, "Held-out prompts answered by greedy generation at every evaluation "
+                                 "(written to samples.jsonl).", ge=0)
+    sample_max_new_tokens: int = option(64, "Longest generated sample answer.", ge=1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading and validation
 
@@ -178,7 +223,9 @@ def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
             _check_keys(sub, value, f"{dotted}.", source)
 
 
-def _build(cls: type, data: dict, prefix: str):
+def _build(cls: type, data: dict, prefix: str, base=None):
+    """`base` (default: `cls()`) with the keys of `data` replaced; sections keep their stage's defaults."""
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -188,16 +235,25 @@ def _build(cls: type, data: dict, prefix: str):
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}': expected a section of keys, got {value!r}")
-            kwargs[f.name] = _build(typ, value, f"{key}.")
+            kwargs[f.name] = _build(typ, value, f"{key}.", getattr(base, f.name))
         else:
-            kwargs[f.name] = _check_bounds(key, _coerce(key, value, typ), f.metadata)
-    obj = cls(**kwargs)
-    for f in dataclasses.fields(cls):
-        if f.name not in data and not dataclasses.is_dataclass(hints[f.name]):
-            _check_bounds(f"{prefix}{f.name}", getattr(obj, f.name), f.metadata)
+            kwargs[f.name] = _coerce(key, value, typ)
+    obj = dataclasses.replace(base, **kwargs)
+    if not prefix:
+        _validate(obj, "")
+    return obj
+
+
+def _validate(obj, prefix: str) -> None:
+    """Bounds of every number and each section's own `validate`, defaults included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, f"{prefix}{f.name}.")
+        else:
+            _check_bounds(f"{prefix}{f.name}", value, f.metadata)
     if hasattr(obj, "validate"):
         obj.validate(prefix[:-1] if prefix else "config")
-    return obj
 
 
 def _type_name(typ: Any) -> str:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llmstack.cli import main as cli_main
-from llmstack.config import ConfigError, PretrainConfig, load_config, save_config
+from llmstack.config import ConfigError, PretrainConfig, SFTConfig, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,3 +92,14 @@ def test_cli_suggests_a_stage_for_a_typo(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["pretrian"])
     assert exit_.value.code == 2 and "Did you mean 'pretrain'?" in capsys.readouterr().err
+
+
+def test_partial_section_override_keeps_the_stage_defaults():
+    cfg = load_config(SFTConfig, None, ["model.name_or_path=some/model", "train.max_steps=50"])
+    assert cfg.train.max_steps == 50
+    assert cfg.train.lr == SFTConfig().train.lr != PretrainConfig().train.lr
+
+
+def test_sections_left_at_their_defaults_are_validated_too():
+    with pytest.raises(ConfigError, match="set 'model.name_or_path'"):
+        load_config(SFTConfig)
