@@ -95,10 +95,10 @@ def save_model(model: PreTrainedModel, tokenizer, directory: str | Path, state_d
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
-        _remove_tree(tmp)
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if directory.exists():
-        _remove_tree(directory)
+        shutil.rmtree(directory)
     os.replace(tmp, directory)
 

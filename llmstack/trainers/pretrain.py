@@ -10,11 +10,10 @@ from llmstack.config import PretrainConfig
 from llmstack.data import batching, sources, text
 from llmstack.losses import causal_lm_loss_sum, count_targets
 from llmstack.models import causal_lm
-from llmstack.trainers.base import NonFiniteLossError, batch_arithmetic, build_optimizer, build_scheduler, log
-from llmstack.trainers.run import Run, close_run, open_run, resume
-from llmstack.trainers.supervised import (LoopResult, LoopState, SupervisedObjective, evaluate_loss,
-                                          restore_loop_state, train_supervised)
-from llmstack.tracking.mfu import peak_flops, transformer_flops_per_token
+from llmstack.trainers.base import log
+from llmstack.trainers.run import Run, open_run
+from llmstack.trainers.stage import run_supervised_stage
+from llmstack.trainers.supervised import LoopResult, SupervisedObjective
 from llmstack.tracking.record import find_parent
 
 
@@ -98,68 +97,19 @@ def pretrain(cfg: PretrainConfig) -> LoopResult | None:
     run = open_run(cfg, "pretrain")
     if run.finished:
         return None
-    acc, train = run.accelerator, cfg.train
+    acc = run.accelerator
     tokenizer = prepare_tokenizer(cfg, run)
     batches, held_out, data_facts = prepare_data(cfg, tokenizer, acc.process_index, acc.num_processes)
     model = prepare_model(cfg, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"pretrain: {type(model).__name__} with {n_params / 1e6:.2f}M parameters, "
-             f"vocabulary {len(tokenizer)}")
-    log.info(f"pretrain: {batch_arithmetic(train.batch_size, train.grad_accum, acc.num_processes, cfg.data.block_size)}")
-    mc = model.config
-    flops_per_token = transformer_flops_per_token(causal_lm.matmul_params(model), mc.num_hidden_layers,
-                                                  mc.hidden_size, cfg.data.block_size)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[train.precision]
-    peak, peak_source = peak_flops(acc.device, dtype, train.peak_tflops * 1e12 if train.peak_tflops else None)
-    log.info(f"pretrain: MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+    train = cfg.train
 
-    optimizer = build_optimizer(model, train.lr, train.adam_betas, train.weight_decay)
-    scheduler = build_scheduler(optimizer, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)
+    def held_out_batches():
+        return batching.eval_batches(held_out, train.batch_size, acc.process_index, acc.num_processes)
 
-    def evaluate() -> dict:
-        held_batches = batching.eval_batches(held_out, train.batch_size, acc.process_index, acc.num_processes)
-        return evaluate_loss(acc, model, held_batches, LM_OBJECTIVE, train.eval_batches)
-
-    state = resume(run, batches, restore_loop_state)
-    if state is None:
-        state = LoopState(initial_eval=evaluate() if train.eval_every else {})
-        log.info(f"pretrain: untrained model held-out {_fmt(state.initial_eval)}")
-    if run.record is not None:
-        run.record.update(inputs=_inputs(cfg), parent=find_parent(cfg.model.name_or_path),
-                          data={**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer)},
-                          model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params},
-                          resumed_from_step=state.step or None,
-                          compute={"world_size": acc.num_processes, "device": str(acc.device),
-                                   "peak_flops_per_device": peak, "peak_source": peak_source})
-        run.record.save()
-    try:
-        result = train_supervised(acc, model, optimizer, scheduler, batches, LM_OBJECTIVE, train, state,
-                                  run.checkpointer, run.metrics, evaluate, flops_per_token, peak)
-    except NonFiniteLossError as err:
-        last = run.checkpointer.latest()
-        where = f"the last good checkpoint {last} is intact" if last else "no checkpoint had been written yet"
-        if run.record is not None:
-            run.record.finish(f"failed: {err}")
-        raise NonFiniteLossError(f"{err}. Stopped: {where}. Lower train.lr, raise train.warmup_steps or use "
-                                 f"train.precision=fp32, then re-run the same command to resume.") from err
-    close_run(run, model, tokenizer, result.status, _summary(result.state))
-    result.model = acc.unwrap_model(model)
-    if result.status == "finished":
-        log.info(f"pretrain: held-out {_fmt(state.initial_eval)} before, {_fmt(state.last_eval)} after")
-    return result
-
-
-def _fmt(ev: dict) -> str:
-    return f"loss {ev['eval_loss']:.4f} / perplexity {ev['eval_ppl']:.2f}" if ev else "(no held-out data)"
-
-
-def _summary(state: LoopState) -> dict:
-    out = {"steps": state.step, "tokens_seen": state.tokens_seen, "train_loss": state.last_loss}
-    out.update({f"initial_{k}": v for k, v in state.initial_eval.items()})
-    out.update({f"final_{k}": v for k, v in state.last_eval.items()})
-    return out
+    record = {"inputs": _inputs(cfg), "parent": find_parent(cfg.model.name_or_path),
+              "data": {**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer)}}
+    return run_supervised_stage(run, model, tokenizer, batches, LM_OBJECTIVE, cfg.data.block_size,
+                                held_out_batches, record)
 
 
 def _inputs(cfg: PretrainConfig) -> dict:

@@ -100,13 +100,18 @@ def resume(run: Run, batches, restore) -> object | None:
     return restore(saved, batches)
 
 
-def close_run(run: Run, model, tokenizer, status: str, summary: dict) -> None:
-    """Save the final model (on success) and the record; every process must call this."""
+def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adapters: bool = False):
+    """Save the final model (on success) and the record; every process must call this. Returns the trained
+    model unwrapped from its distributed wrapper (adapters merged when `merge_adapters`)."""
     acc = run.accelerator
+    final = acc.unwrap_model(model)
     if status == "finished":
-        state_dict = acc.get_state_dict(model)
+        if merge_adapters and hasattr(final, "merge_and_unload"):
+            final, state_dict = final.merge_and_unload(), None
+        else:
+            state_dict = acc.get_state_dict(model)
         if acc.is_main_process:
-            save_model(acc.unwrap_model(model), tokenizer, run.dir / "model", state_dict=state_dict)
+            save_model(final, tokenizer, run.dir / "model", state_dict=state_dict)
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.record.update(metrics=summary)
@@ -119,4 +124,4 @@ def close_run(run: Run, model, tokenizer, status: str, summary: dict) -> None:
         tracker.finish()
     if status == "finished":
         log.info(f"{run.stage}: done. Model in {run.dir / 'model'}, record in {run.dir / 'record.json'}")
-
+    return final

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from llmstack.config import TrainConfig
-from llmstack.trainers.base import Checkpointer, NonFiniteLossError, StopOnSignal, log
+from llmstack.trainers.base import Checkpointer, NonFiniteLossError, StopOnSignal
 from llmstack.tracking.metrics import MetricsLog
 from llmstack.tracking.progress import Progress
 
@@ -123,7 +123,7 @@ class Window:
 
 def train_supervised(acc: Accelerator, model, optimizer, scheduler, batches, objective: SupervisedObjective,
                      train: TrainConfig, state: LoopState, checkpointer: Checkpointer, metrics: MetricsLog,
-                     evaluate: Callable[[], dict] | None, flops_per_token: float, peak_flops: float) -> LoopResult:
+                     evaluate: Callable[[int], dict] | None, flops_per_token: float, peak_flops: float) -> LoopResult:
     """Run updates until `train.max_steps`, logging, evaluating and checkpointing on the way.
 
     Returns "interrupted" after SIGTERM/SIGINT (a checkpoint was written) and "finished" otherwise; a
@@ -156,7 +156,7 @@ def train_supervised(acc: Accelerator, model, optimizer, scheduler, batches, obj
                 row["tokens_seen"] = state.tokens_seen
                 window = Window()
             if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
-                state.last_eval = evaluate()
+                state.last_eval = evaluate(state.step)
                 row = {"loss": loss, **row, **state.last_eval}
             if row:
                 metrics.log(state.step, row)

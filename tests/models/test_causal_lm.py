@@ -3,7 +3,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from llmstack.models.causal_lm import (PRESETS, build_from_preset, check_vocab, load_causal_lm, matmul_params,
+from llmstack.models.causal_lm import (build_from_preset, check_vocab, load_causal_lm, matmul_params,
                                        preset_config, save_model)
 
 
@@ -51,8 +51,9 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tokenizer):
 
 
 def test_saved_model_reloads_with_auto_classes(tmp_path, tokenizer):
+    save_model(build_from_preset("llama-1m", tokenizer, 64, seed=1), tokenizer, tmp_path / "model")
     model = build_from_preset("llama-1m", tokenizer, 64, seed=0)
-    save_model(model, tokenizer, tmp_path / "model")
+    save_model(model, tokenizer, tmp_path / "model")  # replaces the earlier save whole
     assert not (tmp_path / "model.tmp").exists()
     assert (tmp_path / "model" / "model.safetensors").is_file()
     again = load_causal_lm(str(tmp_path / "model"))

@@ -1,0 +1,94 @@
+"""What every supervised stage does around the loop: size the work, build the optimiser, resume, evaluate
+before training, keep the record, and close the run. A stage supplies the model, the batches and the
+objective; `run_supervised_stage` does the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from llmstack.models import causal_lm
+from llmstack.trainers.base import NonFiniteLossError, batch_arithmetic, build_optimizer, build_scheduler, log
+from llmstack.trainers.run import Run, close_run, resume
+from llmstack.trainers.supervised import (LoopResult, LoopState, SupervisedObjective, evaluate_loss,
+                                          restore_loop_state, train_supervised)
+from llmstack.tracking.mfu import peak_flops, transformer_flops_per_token
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _fmt(ev: dict) -> str:
+    return f"loss {ev['eval_loss']:.4f} / perplexity {ev['eval_ppl']:.2f}" if ev else "(no held-out data)"
+
+
+def _summary(state: LoopState) -> dict:
+    out = {"steps": state.step, "tokens_seen": state.tokens_seen, "train_loss": state.last_loss}
+    out.update({f"initial_{k}": v for k, v in state.initial_eval.items()})
+    out.update({f"final_{k}": v for k, v in state.last_eval.items()})
+    return out
+
+
+def _throughput_facts(run: Run, model, seq_len: int) -> tuple[float, float, str]:
+    acc, train = run.accelerator, run.cfg.train
+    mc = model.config
+    flops_per_token = transformer_flops_per_token(causal_lm.matmul_params(model), mc.num_hidden_layers,
+                                                  mc.hidden_size, seq_len)
+    override = train.peak_tflops * 1e12 if train.peak_tflops else None
+    peak, source = peak_flops(acc.device, DTYPES[train.precision], override)
+    log.info(f"{run.stage}: MFU against {peak / 1e12:.2f} TFLOP/s per device ({source})")
+    return flops_per_token, peak, source
+
+
+def run_supervised_stage(run: Run, model, tokenizer, batches, objective: SupervisedObjective, seq_len: int,
+                         held_out: Callable[[], Iterable[dict]] | None, record: dict,
+                         after_eval: Callable[[torch.nn.Module, int], dict] | None = None,
+                         merge_adapters: bool = False) -> LoopResult:
+    """Train `model` on `batches` to `train.max_steps` with checkpoints and evaluation; returns the result
+    with the trained model. `held_out()` gives this process's held-out micro-batches; `after_eval(model,
+    step)` may add metrics (e.g. generated samples) to every evaluation."""
+    acc, train = run.accelerator, run.cfg.train
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(f"{run.stage}: {type(model).__name__} with {n_params / 1e6:.2f}M parameters "
+             f"({n_trainable / 1e6:.2f}M trainable), vocabulary {len(tokenizer)}")
+    log.info(f"{run.stage}: {batch_arithmetic(train.batch_size, train.grad_accum, acc.num_processes, seq_len)}")
+    flops_per_token, peak, peak_source = _throughput_facts(run, model, seq_len)
+
+    optimizer = build_optimizer(model, train.lr, train.adam_betas, train.weight_decay)
+    scheduler = build_scheduler(optimizer, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+
+    def evaluate(step: int = 0) -> dict:
+        metrics = evaluate_loss(acc, model, held_out(), objective, train.eval_batches) if held_out else {}
+        if after_eval is not None:
+            metrics.update(after_eval(acc.unwrap_model(model), step))
+        return metrics
+
+    state = resume(run, batches, restore_loop_state)
+    if state is None:
+        state = LoopState(initial_eval=evaluate() if train.eval_every else {})
+        log.info(f"{run.stage}: before training, held-out {_fmt(state.initial_eval)}")
+    if run.record is not None:
+        run.record.update(**record, resumed_from_step=state.step or None,
+                          model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params,
+                                 "trainable_parameters": n_trainable},
+                          compute={"world_size": acc.num_processes, "device": str(acc.device),
+                                   "peak_flops_per_device": peak, "peak_source": peak_source})
+        run.record.save()
+    try:
+        result = train_supervised(acc, model, optimizer, scheduler, batches, objective, train, state,
+                                  run.checkpointer, run.metrics, evaluate, flops_per_token, peak)
+    except NonFiniteLossError as err:
+        last = run.checkpointer.latest()
+        where = f"the last good checkpoint {last} is intact" if last else "no checkpoint had been written yet"
+        if run.record is not None:
+            run.record.finish(f"failed: {err}")
+        raise NonFiniteLossError(f"{err}. Stopped: {where}. Lower train.lr, raise train.warmup_steps or use "
+                                 f"train.precision=fp32, then re-run the same command to resume.") from err
+    result.model = close_run(run, model, tokenizer, result.status, _summary(result.state), merge_adapters)
+    if result.status == "finished":
+        log.info(f"{run.stage}: held-out {_fmt(state.initial_eval)} before, {_fmt(state.last_eval)} after")
+    return result
