@@ -11,17 +11,18 @@ from typing import Iterator
 
 import torch
 
-from llmstack.data.text import PackedBlocks, packed_blocks, is_eval_block
+from llmstack.data.text import is_eval_block, packed_blocks
 
 
 class ShuffledBatches:
-    """Endless epochs over in-memory blocks, reshuffled each epoch from `seed + epoch`.
+    """Endless epochs over in-memory rows (anything with `len()` and `rows(index) -> dict of tensors`, such
+    as PackedBlocks or ChatRows), reshuffled each epoch from `seed + epoch`.
 
     Global micro-batch g of an epoch is perm[g*B*W : (g+1)*B*W]; process r takes [r*B : (r+1)*B] of it.
     The incomplete tail of an epoch is dropped so every micro-batch has B rows on every process.
     """
 
-    def __init__(self, blocks: PackedBlocks, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(self, blocks, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         global_batch = batch_size * world_size
         if len(blocks) < global_batch:
             raise ValueError(f"{len(blocks)} training blocks cannot fill one global micro-batch of {global_batch} "
@@ -45,7 +46,7 @@ class ShuffledBatches:
                 start = (self.position * self.world_size + self.rank) * self.batch_size
                 rows = perm[start:start + self.batch_size]
                 self.position += 1
-                yield {"input_ids": self.blocks.input_ids[rows], "labels": self.blocks.labels[rows]}
+                yield self.blocks.rows(rows)
             self.epoch, self.position = self.epoch + 1, 0
 
 
@@ -97,9 +98,9 @@ class StreamingBatches:
             self.epoch, self.position = self.epoch + 1, 0
 
 
-def eval_batches(blocks: PackedBlocks, batch_size: int, rank: int, world_size: int) -> Iterator[dict]:
+def eval_batches(blocks, batch_size: int, rank: int, world_size: int) -> Iterator[dict]:
     """Each held-out block exactly once across processes (block i on process i % W), in order."""
     mine = torch.arange(rank, len(blocks), world_size)
     for start in range(0, len(mine), batch_size):
         rows = mine[start:start + batch_size]
-        yield {"input_ids": blocks.input_ids[rows], "labels": blocks.labels[rows]}
+        yield blocks.rows(rows)

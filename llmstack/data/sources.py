@@ -97,7 +97,7 @@ def _parse_dataset(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
-def _synthetic_count(spec: str) -> int | None:
+def synthetic_count(spec: str) -> int | None:
     if spec == "synthetic":
         return 2000
     if spec.startswith("synthetic:") and spec[len("synthetic:"):].isdigit():
@@ -125,7 +125,7 @@ def iter_records(spec: str) -> Iterator[tuple[str, object]]:
 
 def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
     """Documents of `spec` in a fixed order; empty and whitespace-only documents are skipped."""
-    n_synthetic = _synthetic_count(spec)
+    n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         from llmstack.data.synthetic import corpus
 
@@ -150,7 +150,7 @@ def _documents_in(path: Path, text_field: str) -> Iterator[str]:
 
 def describe_source(spec: str) -> dict:
     """What the run record keeps about an input: content fingerprints for local files."""
-    n_synthetic = _synthetic_count(spec)
+    n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         return {"spec": spec, "generator": "llmstack.data.synthetic", "documents": n_synthetic}
     if Path(spec).exists():

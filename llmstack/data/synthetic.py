@@ -62,3 +62,25 @@ def document(rng: random.Random) -> str:
 def corpus(n_documents: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [document(rng) for _ in range(n_documents)]
+
+
+def _question(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if rng.random() < 0.5:
+        return f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}."
+    a, b = max(a, b), min(a, b)
+    return f"What is {NUMBERS[a]} minus {NUMBERS[b]}?", f"{NUMBERS[a]} minus {NUMBERS[b]} is {NUMBERS[a - b]}."
+
+
+def instructions(n_conversations: int, seed: int = 0) -> list[list[dict]]:
+    """Question/answer conversations over the corpus's arithmetic, some with a second turn."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_conversations):
+        messages = []
+        for _ in range(1 if rng.random() < 0.7 else 2):
+            question, answer = _question(rng)
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer[0].upper() + answer[1:]}]
+        out.append(messages)
+    return out

@@ -81,6 +81,9 @@ class PackedBlocks:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def rows(self, index) -> dict:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
 
 def _stack(blocks: list[tuple[list[int], list[int]]], block_size: int) -> PackedBlocks:
     if not blocks:

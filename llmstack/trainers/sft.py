@@ -1,0 +1,131 @@
+"""Supervised fine-tuning: conversations -> answer-only labels -> packed rows -> the shared loop.
+
+Packed rows hold several conversations; `position_ids` restart for each and a block-diagonal causal mask
+keeps attention inside each, so packing changes the speed, not the objective. With LoRA only the adapters
+train (peft), and the result is saved merged into the base weights or as adapters alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from llmstack.config import SFTConfig
+from llmstack.data import batching, chat, sources
+from llmstack.data.text import is_eval_block
+from llmstack.losses import causal_lm_loss_sum, count_targets
+from llmstack.models import causal_lm
+from llmstack.trainers.base import log
+from llmstack.trainers.run import open_run
+from llmstack.trainers.stage import run_supervised_stage
+from llmstack.trainers.supervised import LoopResult, SupervisedObjective
+from llmstack.tracking.record import find_parent
+
+
+def _sft_loss_sum(model, batch: dict) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   attention_mask=chat.block_causal_mask(batch["segment_ids"]), use_cache=False).logits
+    return causal_lm_loss_sum(logits, batch["labels"])
+
+
+SFT_OBJECTIVE = SupervisedObjective(loss_sum=_sft_loss_sum, count_targets=lambda b: count_targets(b["labels"]),
+                                    perplexity=True)
+
+
+def load_conversations(cfg: SFTConfig) -> tuple[list, list]:
+    d = cfg.data
+    fields = chat.ChatFields(d.messages_field, d.prompt_field, d.completion_field)
+    conversations = list(chat.iter_conversations(d.train, fields))
+    if d.eval:
+        return conversations, list(chat.iter_conversations(d.eval, fields))
+    train, held_out = [], []
+    for index, conversation in enumerate(conversations):
+        (held_out if is_eval_block(index, d.eval_fraction, cfg.seed) else train).append(conversation)
+    return train, held_out
+
+
+def apply_lora(model, lora, gradient_checkpointing: bool):
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora.enabled:
+        return model
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("lora.enabled needs peft: pip install 'llmstack[lora]'") from err
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def _prompt_of(conversation: list[dict]) -> tuple[list[dict], str]:
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return conversation[:last], conversation[last]["content"]
+
+
+def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: int):
+    """Greedy answers to the first `n` held-out prompts at every evaluation, appended to samples.jsonl."""
+    prompts = [_prompt_of(c) for c in conversations[:n]]
+
+    @torch.no_grad()
+    def write(model, step: int) -> dict:
+        if not prompts or not run.accelerator.is_main_process:
+            return {}
+        was_training = model.training
+        model.eval()
+        with open(run.dir / "samples.jsonl", "a") as fh:
+            for messages, reference in prompts:
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)["input_ids"].to(run.accelerator.device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+                answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                fh.write(json.dumps({"step": step, "prompt": messages, "reference": reference,
+                                     "generated": answer}) + "\n")
+        model.train(was_training)
+        return {}
+
+    return write
+
+
+def sft(cfg: SFTConfig) -> LoopResult | None:
+    """Fine-tune (or resume) as configured; returns None when the run directory was already finished."""
+    run = open_run(cfg, "sft")
+    if run.finished:
+        return None
+    acc, d, m = run.accelerator, cfg.data, cfg.model
+    tokenizer = causal_lm.load_tokenizer(m.tokenizer or m.name_or_path, None if m.tokenizer else m.gguf_file,
+                                         m.trust_remote_code)
+    template_added = chat.ensure_chat_template(tokenizer)
+    if template_added:
+        log.info("sft: the tokenizer has no chat template; using llmstack's default (saved with the model)")
+    train_conv, held_conv = load_conversations(cfg)
+    encode = lambda convs: [chat.tokenize_conversation(tokenizer, c) for c in convs]  # noqa: E731
+    train_rows = chat.build_rows(encode(train_conv), d.max_length, tokenizer.pad_token_id, d.packing, d.overlong)
+    held_rows = chat.build_rows(encode(held_conv), d.max_length, tokenizer.pad_token_id, d.packing, d.overlong) \
+        if held_conv else None
+    log.info(f"sft: {train_rows.stats['examples']} training conversations in {len(train_rows)} rows "
+             f"(fill {train_rows.stats['fill']:.0%}; {train_rows.stats['dropped_overlong']} dropped, "
+             f"{train_rows.stats['truncated']} truncated at {d.max_length} tokens)")
+    batches = batching.ShuffledBatches(train_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
+                                       cfg.seed)
+    model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)
+    causal_lm.check_vocab(model, tokenizer)
+    model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing)
+
+    def held_out():
+        return batching.eval_batches(held_rows, cfg.train.batch_size, acc.process_index, acc.num_processes)
+
+    record = {"inputs": {"train": sources.describe_source(d.train),
+                         **({"eval": sources.describe_source(d.eval)} if d.eval else {})},
+              "parent": find_parent(m.name_or_path),
+              "data": {"train": train_rows.stats, "held_out": held_rows.stats if held_rows else None,
+                       "chat_template": "llmstack default" if template_added else "the tokenizer's own"}}
+    samples = sample_writer(run, tokenizer, held_conv, cfg.sample_prompts, cfg.sample_max_new_tokens)
+    return run_supervised_stage(run, model, tokenizer, batches, SFT_OBJECTIVE, d.max_length,
+                                held_out if held_rows else None, record, after_eval=samples,
+                                merge_adapters=cfg.lora.enabled and cfg.lora.merge)
