@@ -23,9 +23,17 @@ from llmstack.trainers.supervised import LoopResult, SupervisedObjective
 from llmstack.tracking.record import find_parent
 
 
+def _uses_varlen_attention(model) -> bool:
+    config = getattr(model, "module", model).config
+    return str(getattr(config, "_attn_implementation", "")).startswith("flash_attention")
+
+
 def _sft_loss_sum(model, batch: dict) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=chat.block_causal_mask(batch["segment_ids"]), use_cache=False).logits
+    # Flash-attention kernels take no dense mask: transformers finds the example boundaries from the
+    # restarting position ids and runs the varlen kernel (CUDA only; the mask path is the tested one).
+    mask = None if _uses_varlen_attention(model) else chat.block_causal_mask(batch["segment_ids"])
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                   use_cache=False).logits
     return causal_lm_loss_sum(logits, batch["labels"])
 
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmstack.config import SFTConfig, load_config
-from llmstack.data.chat import block_causal_mask, build_rows, ensure_chat_template, tokenize_conversation
+from llmstack.data.chat import DEFAULT_CHAT_TEMPLATE, block_causal_mask, build_rows, ensure_chat_template, tokenize_conversation
 from llmstack.data.synthetic import corpus, instructions
 from llmstack.data.text import train_tokenizer
 from llmstack.losses import count_targets
@@ -84,6 +84,7 @@ def test_sft_stage_lowers_held_out_answer_loss_and_writes_samples(tmp_path, base
     assert record["metrics"]["final_eval_loss"] < 0.6 * record["metrics"]["initial_eval_loss"]
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [0, 0, 15, 15, 30, 30]
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template == DEFAULT_CHAT_TEMPLATE
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
