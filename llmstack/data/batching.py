@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from llmstack.data.text import is_eval_block, packed_blocks
+from llmstack.data.text import is_held_out, packed_blocks
 
 
 class ShuffledBatches:
@@ -54,7 +54,7 @@ class StreamingBatches:
     """Batches straight from a streamed corpus, for data larger than memory.
 
     Blocks come in corpus order (no shuffle beyond the corpus's own order); held-out blocks
-    (`is_eval_block`) are skipped. At the end of the corpus the next epoch re-reads it from the start.
+    (`is_held_out`) are skipped. At the end of the corpus the next epoch re-reads it from the start.
     Resuming re-reads the stream and skips the micro-batches already consumed without building tensors.
     """
 
@@ -75,7 +75,7 @@ class StreamingBatches:
         group, need = [], self.batch_size * self.world_size
         blocks = packed_blocks(self.spec, self.tokenizer, self.block_size, self.text_field)
         for index, block in enumerate(blocks):
-            if is_eval_block(index, self.eval_fraction, self.seed):
+            if is_held_out(index, self.eval_fraction, self.seed):
                 continue
             group.append(block)
             if len(group) == need:

@@ -65,8 +65,9 @@ def pack_blocks(token_docs: Iterable[list[int]], block_size: int, eos_id: int,
         yield buffer + [pad_id] * pad, buffer + [IGNORE_INDEX] * pad
 
 
-def is_eval_block(index: int, eval_fraction: float, seed: int) -> bool:
-    """Deterministic held-out assignment of block `index`, the same in every process, run and code path."""
+def is_held_out(index: int, eval_fraction: float, seed: int) -> bool:
+    """Deterministic held-out assignment of item `index` (a packed block, a conversation), the same in every
+    process, run and code path."""
     if eval_fraction <= 0:
         return False
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
@@ -100,10 +101,10 @@ def packed_blocks(spec: str, tokenizer, block_size: int, text_field: str):
 
 def pack_corpus(spec: str, tokenizer, block_size: int, eval_fraction: float, seed: int,
                 text_field: str = "text") -> tuple[PackedBlocks, PackedBlocks]:
-    """All of `spec` in memory as (train, held-out) blocks, split by `is_eval_block`."""
+    """All of `spec` in memory as (train, held-out) blocks, split by `is_held_out`."""
     train, held_out = [], []
     for index, block in enumerate(packed_blocks(spec, tokenizer, block_size, text_field)):
-        (held_out if is_eval_block(index, eval_fraction, seed) else train).append(block)
+        (held_out if is_held_out(index, eval_fraction, seed) else train).append(block)
     n_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in train + held_out)
     if not train or (eval_fraction > 0 and not held_out):
         raise ValueError(f"{spec}: {n_tokens} tokens make {len(train)} training and {len(held_out)} held-out "

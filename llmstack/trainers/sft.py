@@ -13,7 +13,7 @@ import torch
 
 from llmstack.config import SFTConfig
 from llmstack.data import batching, chat, sources
-from llmstack.data.text import is_eval_block
+from llmstack.data.text import is_held_out
 from llmstack.losses import causal_lm_loss_sum, count_targets
 from llmstack.models import causal_lm
 from llmstack.trainers.base import log
@@ -49,7 +49,7 @@ def load_conversations(cfg: SFTConfig) -> tuple[list, list]:
         return conversations, list(chat.iter_conversations(d.eval, fields))
     train, held_out = [], []
     for index, conversation in enumerate(conversations):
-        (held_out if is_eval_block(index, d.eval_fraction, cfg.seed) else train).append(conversation)
+        (held_out if is_held_out(index, d.eval_fraction, cfg.seed) else train).append(conversation)
     return train, held_out
 
 

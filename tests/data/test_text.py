@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from llmstack.data.text import is_eval_block, load_blocks, pack_blocks, pack_corpus, tokenize_documents
+from llmstack.data.text import is_held_out, load_blocks, pack_blocks, pack_corpus, tokenize_documents
 
 
 def test_tokenizer_round_trips_unicode_and_reloads_identically(tokenizer, tmp_path):
@@ -36,11 +36,11 @@ def test_packing_places_every_token_once_in_order_with_eos_between_documents(tok
 
 
 def test_eval_split_is_stable_disjoint_and_near_its_fraction():
-    picks = [i for i in range(20000) if is_eval_block(i, 0.1, seed=7)]
+    picks = [i for i in range(20000) if is_held_out(i, 0.1, seed=7)]
     assert 0.09 < len(picks) / 20000 < 0.11
-    assert picks == [i for i in range(20000) if is_eval_block(i, 0.1, seed=7)]
-    assert picks != [i for i in range(20000) if is_eval_block(i, 0.1, seed=8)]
-    assert not any(is_eval_block(i, 0.0, seed=7) for i in range(1000))
+    assert picks == [i for i in range(20000) if is_held_out(i, 0.1, seed=7)]
+    assert picks != [i for i in range(20000) if is_held_out(i, 0.1, seed=8)]
+    assert not any(is_held_out(i, 0.0, seed=7) for i in range(1000))
 
 
 def test_pack_corpus_splits_all_blocks_between_train_and_eval(tokenizer):
