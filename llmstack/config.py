@@ -159,6 +159,32 @@ class SFTConfig:
     sample_max_new_tokens: int = option(64, "Longest generated sample answer.", ge=1)
 
 
+@dataclass
+class PreferenceDataConfig:
+    train: str = option("synthetic", "Preference records (pairs or rankings; see llmstack.data.preference) in "
+                        "JSONL/JSON/Parquet files, a directory or a `datasets` name.")
+    eval: str | None = option(None, "Held-out preferences; default: a slice of data.train (data.eval_fraction).")
+    eval_fraction: float = option(0.1, "Share of rankings held out when data.eval is not set.", ge=0.0, le=0.5)
+    format: Literal["auto", "hh", "oasst", "label_studio"] = option(
+        "auto", "Record format: llmstack's pairs/rankings, Anthropic HH dialogues, Open-Assistant trees, or a "
+        "Label Studio pairwise export.")
+    max_length: int = option(512, "Tokens per prompt + response; longer ones keep their end.", ge=16)
+
+
+@dataclass
+class RewardConfig:
+    """Reward modelling: a model learns to score the responses people preferred higher."""
+
+    output_dir: str = option("runs/reward", "Run directory; re-running on it resumes.")
+    seed: int = option(0, "Seed for the score head, data order and the held-out split.", ge=0)
+    model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
+    data: PreferenceDataConfig = option(default_factory=PreferenceDataConfig)
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=10, max_steps=200,
+                                                                    batch_size=8))
+    use_margins: bool = option(False, "Subtract each record's 'margin' inside the pairwise loss.")
+    center_coef: float = option(0.0, "Weight of the reward-centering term mean(score^2).", ge=0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading and validation
 

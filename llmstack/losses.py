@@ -30,3 +30,31 @@ def causal_lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tor
 def count_targets(labels_BT: torch.Tensor) -> int:
     """Number of next-token targets that contribute to `causal_lm_loss_sum`."""
     return int((labels_BT[:, 1:] != IGNORE_INDEX).sum())
+
+
+def ranking_loss_sum(scores_NK: torch.Tensor, ranks_NK: torch.Tensor, margins_N: torch.Tensor | None = None,
+                     center_coef: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss of N rankings, summed over rankings; each ranking's loss is the mean over its pairs.
+
+    For responses i, j of one ranking with rank_i < rank_j (i preferred), the pair loss is
+    -log sigmoid(s_i - s_j - m) with m the ranking's margin (Llama 2, Touvron et al. 2023, eq. 2). A tie
+    (rank_i == rank_j) is a comparison whose outcome is 1/2: the binary cross-entropy with target 1/2,
+    (softplus(d) + softplus(-d)) / 2, which is smallest when the two scores are equal. Padding responses have
+    rank -1 and take part in nothing. `center_coef` adds coef * mean(s^2) per ranking, which keeps rewards
+    centred on zero (Eisenstein et al. 2023) without changing which response wins.
+    """
+    valid = ranks_NK >= 0
+    both = valid[:, :, None] & valid[:, None, :]
+    diff = scores_NK[:, :, None] - scores_NK[:, None, :]  # [N, K, K]: s_i - s_j
+    better = both & (ranks_NK[:, :, None] < ranks_NK[:, None, :])
+    k = ranks_NK.shape[1]
+    upper = torch.ones(k, k, dtype=torch.bool, device=scores_NK.device).triu(1)
+    tie = both & (ranks_NK[:, :, None] == ranks_NK[:, None, :]) & upper
+    margin = (margins_N if margins_N is not None else torch.zeros_like(scores_NK[:, 0]))[:, None, None]
+    pair = F.softplus(-(diff - margin)) * better + 0.5 * (F.softplus(diff) + F.softplus(-diff)) * tie
+    n_pairs = (better | tie).sum(dim=(1, 2)).clamp(min=1)
+    loss = pair.sum(dim=(1, 2)) / n_pairs
+    if center_coef:
+        squares = (scores_NK.masked_fill(~valid, 0.0) ** 2).sum(1) / valid.sum(1).clamp(min=1)
+        loss = loss + center_coef * squares
+    return loss.sum()

@@ -84,3 +84,36 @@ def instructions(n_conversations: int, seed: int = 0) -> list[list[dict]]:
                          {"role": "assistant", "content": answer[0].upper() + answer[1:]}]
         out.append(messages)
     return out
+
+
+ANNOTATOR_NOISE = {"ann-a": 0.05, "ann-b": 0.15, "ann-c": 0.3}  # chance of swapping two neighbours
+
+
+def _candidates(rng: random.Random, a: int, b: int) -> list[str]:
+    """Answers in rubric order: correct beats wrong, then concise beats padded."""
+    right, wrong = NUMBERS[a + b], NUMBERS[(a + b + rng.randint(1, 5)) % len(NUMBERS)]
+    return [f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {right}.",
+            f"Well, let me think about it for a while. {NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {right}.",
+            f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {wrong}.",
+            f"Well, let me think about it for a while. {NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {wrong}."]
+
+
+def preferences(n_prompts: int, seed: int = 0, judges_per_prompt: int = 2) -> list[dict]:
+    """Ranking records: four answers per question ranked by simulated annotators who follow the rubric of
+    `_candidates` with their own noise (ANNOTATOR_NOISE), so they disagree now and then."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n_prompts):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        answers = _candidates(rng, a, b)
+        order = list(range(len(answers)))
+        rng.shuffle(order)
+        shown = [answers[i] for i in order]
+        for annotator in rng.sample(sorted(ANNOTATOR_NOISE), judges_per_prompt):
+            ranking = sorted(range(len(shown)), key=lambda i: order[i])
+            for i in range(len(ranking) - 1):
+                if rng.random() < ANNOTATOR_NOISE[annotator]:
+                    ranking[i], ranking[i + 1] = ranking[i + 1], ranking[i]
+            records.append({"prompt": [{"role": "user", "content": f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"}],
+                            "responses": shown, "ranking": ranking, "annotator": annotator})
+    return records

@@ -20,7 +20,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _fmt(ev: dict) -> str:
-    return f"loss {ev['eval_loss']:.4f} / perplexity {ev['eval_ppl']:.2f}" if ev else "(no held-out data)"
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in ev.items()) if ev else "(no held-out data)"
 
 
 def _summary(state: LoopState) -> dict:
@@ -44,10 +44,12 @@ def _throughput_facts(run: Run, model, seq_len: int) -> tuple[float, float, str]
 def run_supervised_stage(run: Run, model, tokenizer, batches, objective: SupervisedObjective, seq_len: int,
                          held_out: Callable[[], Iterable[dict]] | None, record: dict,
                          after_eval: Callable[[torch.nn.Module, int], dict] | None = None,
-                         merge_adapters: bool = False) -> LoopResult:
+                         merge_adapters: bool = False,
+                         before_save: Callable[[torch.nn.Module], dict] | None = None) -> LoopResult:
     """Train `model` on `batches` to `train.max_steps` with checkpoints and evaluation; returns the result
     with the trained model. `held_out()` gives this process's held-out micro-batches; `after_eval(model,
-    step)` may add metrics (e.g. generated samples) to every evaluation."""
+    step)` may add metrics (e.g. generated samples) to every evaluation; `before_save(model)` runs once
+    training has finished, may change what is saved, and returns facts for the record."""
     acc, train = run.accelerator, run.cfg.train
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -88,7 +90,10 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
             run.record.finish(f"failed: {err}")
         raise NonFiniteLossError(f"{err}. Stopped: {where}. Lower train.lr, raise train.warmup_steps or use "
                                  f"train.precision=fp32, then re-run the same command to resume.") from err
-    result.model = close_run(run, model, tokenizer, result.status, _summary(result.state), merge_adapters)
+    summary = _summary(result.state)
+    if result.status == "finished" and before_save is not None:
+        summary.update(before_save(acc.unwrap_model(model)))
+    result.model = close_run(run, model, tokenizer, result.status, summary, merge_adapters)
     if result.status == "finished":
         log.info(f"{run.stage}: held-out {_fmt(state.initial_eval)} before, {_fmt(state.last_eval)} after")
     return result

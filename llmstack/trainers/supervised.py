@@ -105,7 +105,7 @@ def evaluate_loss(acc: Accelerator, model, batches: Iterable[dict], objective: S
     if count.item() == 0:
         return {}
     loss = (total / count).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+    return {"eval_loss": loss, **({"eval_ppl": math.exp(min(loss, 80.0))} if objective.perplexity else {})}
 
 
 @dataclass

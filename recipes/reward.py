@@ -1,0 +1,17 @@
+"""Reward modelling from ranked human preferences.
+
+    python recipes/reward.py --config configs/tiny/reward.yaml [key=value ...]
+    accelerate launch --config_file configs/accelerate/<setup>.yaml recipes/reward.py --config ...
+"""
+
+import sys
+
+from llmstack.cli import run_stage
+
+
+def main(argv=None) -> int:
+    return run_stage("reward", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
