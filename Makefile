@@ -13,6 +13,7 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/llmstack pretrain --config configs/tiny/pretrain.yaml
 	$(VENV)/bin/llmstack sft --config configs/tiny/sft.yaml
+	$(VENV)/bin/llmstack reward --config configs/tiny/reward.yaml
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,74 @@
+"""Reward models on tiny backbones: where the score is read, saving, and the stage end to end."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from llmstack.config import RewardConfig, load_config
+from llmstack.data.synthetic import corpus, preferences
+from llmstack.data.text import train_tokenizer
+from llmstack.models.causal_lm import build_from_preset, save_model
+from llmstack.trainers.reward import load_reward_model, reward, sequence_scores
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    texts = corpus(200) + [r for rec in preferences(50) for r in rec["responses"]]
+    tokenizer = train_tokenizer(texts, 384)
+    path = tmp_path_factory.mktemp("backbone") / "model"
+    save_model(build_from_preset("llama-1m", tokenizer, 128, seed=0), tokenizer, path)
+    return path, tokenizer
+
+
+def padded(seqs, pad_id, left: bool):
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        span = slice(length - len(s), length) if left else slice(0, len(s))
+        ids[i, span], mask[i, span] = torch.tensor(s), 1
+    return ids, mask
+
+
+def test_score_is_read_at_the_last_real_token_under_left_and_right_padding(backbone):
+    path, tokenizer = backbone
+    model = load_reward_model(str(path), tokenizer, seed=0).eval()
+    seqs = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id]
+            for t in ("The fox sees the owl.", "One plus two is three, said the old crow near the river.")]
+    with torch.no_grad():
+        alone = torch.cat([sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                           for s in seqs])
+        right = sequence_scores(model, *padded(seqs, tokenizer.pad_token_id, left=False))
+        left = sequence_scores(model, *padded(seqs, tokenizer.pad_token_id, left=True))
+    torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(left, alone, rtol=1e-5, atol=1e-6)
+    assert alone[0] != alone[1]
+
+
+@pytest.mark.slow
+def test_reward_stage_beats_chance_and_saves_a_reloadable_scorer(tmp_path, backbone):
+    path, tokenizer = backbone
+    cfg = load_config(RewardConfig, None, [
+        f"output_dir={tmp_path / 'rm'}", f"model.name_or_path={path}", "data.train=synthetic:250",
+        "data.max_length=48", "train.batch_size=8", "train.max_steps=80", "train.lr=2e-3", "train.warmup_steps=5",
+        "train.eval_every=40", "train.log_every=10"])
+    result = reward(cfg)
+    record = json.loads((tmp_path / "rm/record.json").read_text())
+    assert record["status"] == "finished"
+    assert record["annotators"]["annotators"].keys() == {"ann-a", "ann-b", "ann-c"}
+    metrics = record["metrics"]
+    assert metrics["final_eval_accuracy"] > 0.6 and metrics["final_eval_accuracy"] > metrics["initial_eval_accuracy"]
+    assert metrics["final_eval_pairs"] >= 100
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm/model").eval()
+    assert reloaded.config.reward_mean == pytest.approx(metrics["reward_mean"])
+    assert reloaded.config.reward_std > 0
+    seqs = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id]
+            for t in ("Two plus two is four.", "Well, let me think. Two plus two is nine.")]
+    ids, mask = padded(seqs, tokenizer.pad_token_id, left=False)
+    with torch.no_grad():
+        hf_scores = reloaded(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        ours = sequence_scores(result.model.eval(), ids, mask)
+    torch.testing.assert_close(hf_scores, ours, rtol=1e-5, atol=1e-5)
