@@ -58,3 +58,29 @@ def ranking_loss_sum(scores_NK: torch.Tensor, ranks_NK: torch.Tensor, margins_N:
         squares = (scores_NK.masked_fill(~valid, 0.0) ** 2).sum(1) / valid.sum(1).clamp(min=1)
         loss = loss + center_coef * squares
     return loss.sum()
+
+
+def ppo_policy_loss_sum(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_BT: torch.Tensor,
+                        mask_BT: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), summed over response tokens:
+    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) with ratio = exp(logp - old_logp).
+    Also returns token sums of the clip indicator and of the (k3) old->new KL estimate, for metrics."""
+    mask = mask_BT.to(logp_BT.dtype)
+    log_ratio = logp_BT - old_logp_BT
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages_BT * ratio
+    clipped = -advantages_BT * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = (torch.maximum(unclipped, clipped) * mask).sum()
+    with torch.no_grad():
+        stats = {"clipped_tokens": ((clipped > unclipped).to(mask.dtype) * mask).sum(),
+                 "approx_kl_sum": ((torch.expm1(-log_ratio) + log_ratio) * mask).sum()}
+    return loss, stats
+
+
+def value_loss_sum(values_BT: torch.Tensor, old_values_BT: torch.Tensor, returns_BT: torch.Tensor,
+                   mask_BT: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clipped value loss, summed over response tokens: 1/2 max((V - R)^2, (V_clipped - R)^2) with
+    V_clipped = V_old + clip(V - V_old, -eps, eps), as in the PPO reference implementation."""
+    clipped = old_values_BT + (values_BT - old_values_BT).clamp(-clip, clip)
+    loss = 0.5 * torch.maximum((values_BT - returns_BT) ** 2, (clipped - returns_BT) ** 2)
+    return (loss * mask_BT.to(loss.dtype)).sum()

@@ -20,6 +20,7 @@ Shape legend: N groups, K responses per group (padded), T tokens.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,8 @@ from typing import Iterator
 import torch
 
 from llmstack.data.sources import DataError, iter_records, synthetic_count
+
+log = logging.getLogger("llmstack")
 
 
 @dataclass
@@ -136,15 +139,21 @@ def hh_to_messages(dialogue: str, where: str) -> list[dict]:
 
 
 def import_hh(spec: str) -> Iterator[PreferenceGroup]:
-    """Anthropic HH-RLHF `{"chosen", "rejected"}` dialogues: the shared turns are the prompt."""
+    """Anthropic HH-RLHF `{"chosen", "rejected"}` dialogues: the shared turns are the prompt.
+
+    The public release has a few unusable pairs (an empty answer, identical answers); they are skipped with
+    a warning naming each one, since they say nothing about a preference."""
     for where, record in iter_records(spec):
-        chosen = hh_to_messages(record["chosen"], f"{where}, field 'chosen'")
-        rejected = hh_to_messages(record["rejected"], f"{where}, field 'rejected'")
-        prompt, chosen_tail, rejected_tail = _shared_prefix(chosen[:-1], rejected[:-1])
-        if chosen_tail or rejected_tail:
-            raise DataError(f"{where}: the two dialogues differ before their last Assistant turn")
-        yield to_group({"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]},
-                       where)
+        try:
+            chosen = hh_to_messages(record["chosen"], f"{where}, field 'chosen'")
+            rejected = hh_to_messages(record["rejected"], f"{where}, field 'rejected'")
+            prompt, chosen_tail, rejected_tail = _shared_prefix(chosen[:-1], rejected[:-1])
+            if chosen_tail or rejected_tail:
+                raise DataError(f"{where}: the two dialogues differ before their last Assistant turn")
+            yield to_group({"prompt": prompt, "chosen": chosen[-1]["content"],
+                            "rejected": rejected[-1]["content"]}, where)
+        except DataError as err:
+            log.warning(f"skipping an unusable HH pair: {err}")
 
 
 def import_oasst(spec: str, include_synthetic: bool = False) -> Iterator[PreferenceGroup]:

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -105,3 +106,14 @@ def test_rows_pad_groups_and_keep_the_end_of_long_responses(tokenizer):
     assert rows.stats["truncated_responses"] == 1
     long_ids = rows.input_ids[1, 0][rows.attention_mask[1, 0] == 1]
     assert len(long_ids) == 16 and long_ids[-1].item() == tokenizer.eos_token_id
+
+
+def test_hh_importer_skips_unusable_pairs_with_a_warning(tmp_path, caplog, monkeypatch):
+    spec = write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hello"},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hey", "rejected": "\n\nHuman: hi\n\nAssistant: go"}])
+    monkeypatch.setattr(logging.getLogger("llmstack"), "propagate", True)
+    with caplog.at_level("WARNING", logger="llmstack"):
+        groups = list(import_hh(spec))
+    assert [g.responses for g in groups] == [["hey", "go"]]
+    assert "hh.jsonl, line 1" in caplog.text and "is empty" in caplog.text
