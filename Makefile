@@ -14,6 +14,7 @@ run: install
 	$(VENV)/bin/llmstack pretrain --config configs/tiny/pretrain.yaml
 	$(VENV)/bin/llmstack sft --config configs/tiny/sft.yaml
 	$(VENV)/bin/llmstack reward --config configs/tiny/reward.yaml
+	$(VENV)/bin/llmstack ppo --config configs/tiny/ppo.yaml
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

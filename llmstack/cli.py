@@ -7,7 +7,8 @@ import difflib
 import importlib
 import sys
 
-from llmstack.config import ConfigError, PretrainConfig, RewardConfig, SFTConfig, describe, load_config
+from llmstack.config import (ConfigError, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, describe,
+                             load_config)
 from llmstack.trainers.base import NonFiniteLossError
 
 # stage -> (config class, "module:function" run lazily so `--help` does not import torch-heavy code)
@@ -15,6 +16,7 @@ STAGES = {
     "pretrain": (PretrainConfig, "llmstack.trainers.pretrain:pretrain"),
     "sft": (SFTConfig, "llmstack.trainers.sft:sft"),
     "reward": (RewardConfig, "llmstack.trainers.reward:reward"),
+    "ppo": (PPOConfig, "llmstack.trainers.ppo:ppo"),
 }
 
 

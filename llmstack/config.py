@@ -185,6 +185,74 @@ class RewardConfig:
     center_coef: float = option(0.0, "Weight of the reward-centering term mean(score^2).", ge=0.0)
 
 
+@dataclass
+class PromptDataConfig:
+    train: str = option("synthetic", "Prompts: {'prompt'} (text or messages) or {'messages'} records in "
+                        "JSONL/JSON/Parquet files, a `datasets` name, or 'synthetic[:N]' (built-in questions "
+                        "with a gold reward).")
+    prompt_field: str = option("prompt", "Field holding the prompt.")
+    messages_field: str = option("messages", "Field holding a conversation to continue.")
+    max_prompt_length: int = option(256, "Prompts longer than this (in tokens) keep their last tokens.", ge=8)
+
+
+@dataclass
+class ModelRef:
+    name_or_path: str | None = option(None, "Hub name or local directory.")
+
+
+@dataclass
+class PPOSettings:
+    rollout_batch: int = option(16, "Prompts per process per PPO step (one rollout).", ge=1)
+    epochs: int = option(2, "Passes over each rollout.", ge=1)
+    clip: float = option(0.2, "Policy ratio clip epsilon.", gt=0.0, le=1.0)
+    value_clip: float = option(0.2, "Value clip around the rollout's values.", gt=0.0)
+    value_lr: float = option(1e-4, "Learning rate of the value model.", gt=0.0)
+    gamma: float = option(1.0, "Discount over response tokens.", ge=0.0, le=1.0)
+    lam: float = option(0.95, "GAE lambda.", ge=0.0, le=1.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "Per-token KL estimator (see llmstack.rl.kl).")
+    kl_in: Literal["reward", "loss"] = option("reward", "Where the KL penalty goes: into the per-token "
+                                              "reward (InstructGPT) or as a loss term (GRPO-style).")
+    kl_coef: float = option(0.05, "KL coefficient (the start value when ppo.kl_target is set).", ge=0.0)
+    kl_target: float | None = option(6.0, "Target KL per sequence for the adaptive controller; null keeps "
+                                     "ppo.kl_coef fixed.", gt=0.0)
+    kl_horizon: int = option(10000, "Adaptive controller horizon in samples.", ge=1)
+    max_new_tokens: int = option(32, "Longest response.", ge=1)
+    temperature: float = option(1.0, "Sampling temperature, also used when log-probabilities are recomputed.",
+                                gt=0.0)
+    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
+    missing_eos_penalty: float | None = option(None, "Subtracted from the score of responses cut at "
+                                               "ppo.max_new_tokens without EOS.", ge=0.0)
+    normalize_rewards: bool = option(True, "Scale scores with the reward model's stored reward_mean/std.")
+    reward_clip: float | None = option(None, "Clip (normalised) scores to [-c, c].", gt=0.0)
+    whiten_advantages: bool = option(True, "Zero mean, unit variance advantages over the global batch.")
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a KL penalty: the SFT policy learns to score higher under the reward model."""
+
+    output_dir: str = option("runs/ppo", "Run directory; re-running on it resumes.")
+    seed: int = option(0, "Seed for sampling, minibatch order and prompt order.", ge=0)
+    model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
+                                help="The SFT policy; also the frozen reference.")
+    reward_model: ModelRef = option(default_factory=ModelRef, help="The reward stage's model/.")
+    value_model: ModelRef = option(default_factory=ModelRef, help="Initial value model; default: the reward "
+                                   "model.")
+    data: PromptDataConfig = option(default_factory=PromptDataConfig)
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, max_steps=100,
+                                                                    batch_size=8, schedule="constant",
+                                                                    log_every=1, eval_every=0))
+    ppo: PPOSettings = option(default_factory=PPOSettings)
+    samples_per_step: int = option(4, "Rows appended to samples.jsonl at every logging step.", ge=0)
+
+    def validate(self, prefix: str) -> None:
+        if not self.reward_model.name_or_path:
+            raise ConfigError("config key 'reward_model.name_or_path' is required: the reward stage's model/")
+        if self.train.grad_accum != 1:
+            raise ConfigError("config key 'train.grad_accum': PPO takes minibatches of train.batch_size from each "
+                              "rollout; set ppo.rollout_batch for more samples and keep grad_accum 1")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading and validation
 

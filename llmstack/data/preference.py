@@ -214,13 +214,13 @@ IMPORTERS = {"auto": iter_groups, "hh": import_hh, "oasst": import_oasst, "label
 
 
 def render(tokenizer, prompt, response: str) -> list[int]:
-    """Token ids of prompt + response, ending in EOS so the score is always read at the same kind of token."""
+    """Token ids of prompt + response + EOS, built the way PPO builds a sample: the prompt (with the chat
+    template's generation header) tokenised alone, then the response tokens, then EOS, where the score is
+    read. The reward model thus scores exactly the token sequences the policy will produce."""
     if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-    else:
-        text = prompt + response
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    return encode(prompt) + encode(response) + [tokenizer.eos_token_id]
 
 
 @dataclass

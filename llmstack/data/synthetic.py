@@ -117,3 +117,21 @@ def preferences(n_prompts: int, seed: int = 0, judges_per_prompt: int = 2) -> li
             records.append({"prompt": [{"role": "user", "content": f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"}],
                             "responses": shown, "ranking": ranking, "annotator": annotator})
     return records
+
+
+def rl_prompts(n_prompts: int, seed: int = 0) -> list[list[dict]]:
+    """Questions for PPO, in the same form as `preferences` and `instructions`."""
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": f"What is {NUMBERS[rng.randint(0, 9)]} plus {NUMBERS[rng.randint(0, 9)]}?"}]
+            for _ in range(n_prompts)]
+
+
+def gold_reward(question: str, answer: str) -> float:
+    """The rubric the simulated annotators follow, as a number: 1 for the right sum, +0.5 for not padding
+    the answer; 0 for anything else. Returns 0 for a question this task did not ask."""
+    words = question.rstrip("?").split()
+    if len(words) < 5 or words[3] != "plus" or words[2] not in NUMBERS or words[4] not in NUMBERS:
+        return 0.0
+    right = NUMBERS[NUMBERS.index(words[2]) + NUMBERS.index(words[4])]
+    correct = f"is {right}." in answer and answer.count(" is ") == 1
+    return (1.0 + 0.5 * (not answer.startswith("Well"))) if correct else 0.0

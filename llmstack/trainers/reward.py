@@ -33,10 +33,13 @@ CALIBRATION_BINS = 10
 def sequence_scores(model, input_ids_RT: torch.Tensor, attention_mask_RT: torch.Tensor) -> torch.Tensor:
     """[R] scores at each sequence's last real token. Goes through the (possibly distributed) model's own
     forward so DDP/FSDP hooks run, then applies the score head to the chosen positions only."""
-    out = model(input_ids=input_ids_RT, attention_mask=attention_mask_RT, output_hidden_states=True)
+    # positions count real tokens only, so a left-padded sequence is seen exactly as it is alone
+    positions_RT = (attention_mask_RT.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids_RT, attention_mask=attention_mask_RT, position_ids=positions_RT,
+                output_hidden_states=True)
     hidden = out.hidden_states[-1]
-    positions = torch.arange(input_ids_RT.shape[1], device=input_ids_RT.device)
-    last = (positions * attention_mask_RT).argmax(-1)
+    columns = torch.arange(input_ids_RT.shape[1], device=input_ids_RT.device)
+    last = (columns * attention_mask_RT).argmax(-1)
     head = getattr(model, "module", model).score
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 

@@ -12,7 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from llmstack.config import PretrainConfig, load_config
+from llmstack.data.chat import ensure_chat_template
+from llmstack.models.causal_lm import load_tokenizer, save_model
 from llmstack.trainers.pretrain import pretrain
+from llmstack.trainers.reward import load_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["model.preset=llama-1m", "model.vocab_size=384", "data.train=synthetic:300", "data.block_size=32",
@@ -26,18 +29,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_training_keeps_ranks_identical_and_matches_one_process(tmp_path):
-    out = tmp_path / "ddp"
+def launch_two(tmp_path, stage: str, out: Path, *overrides: str) -> str:
+    """Run `stage` in 2 processes; assert a real 2-process group with identical parameters on both ranks."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(REPO / "configs/accelerate/cpu-2proc.yaml"), "--main_process_port", str(free_port()),
-           str(REPO / "tests/trainers/two_process_pretrain.py"), str(out), *COMMON, "train.batch_size=2"]
+           str(REPO / "tests/trainers/two_process_stage.py"), stage, str(out), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = json.loads((out / "ranks.json").read_text())
     assert ranks["world_size"] == 2, "the launcher must start two processes in one process group"
     assert ranks["max_abs_diff_across_ranks"] == 0.0
     assert "world size 2" in proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_training_keeps_ranks_identical_and_matches_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    launch_two(tmp_path, "pretrain", out, *COMMON, "train.batch_size=2")
 
     single = pretrain(load_config(PretrainConfig, None, [f"output_dir={tmp_path / 'one'}", *COMMON,
                                                          "train.batch_size=4"]))
@@ -49,3 +58,15 @@ def test_two_process_training_keeps_ranks_identical_and_matches_one_process(tmp_
     one_rows = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in one_rows], rel=1e-5)
     assert ddp_rows[-1]["eval_loss"] == pytest.approx(one_rows[-1]["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_ppo_keeps_policies_identical(tmp_path):
+    pretrained = tmp_path / "one"
+    pretrain(load_config(PretrainConfig, None, [f"output_dir={pretrained}", *COMMON, "train.batch_size=4"]))
+    tokenizer = load_tokenizer(str(pretrained / "model"))
+    ensure_chat_template(tokenizer)
+    save_model(load_reward_model(str(pretrained / "model"), tokenizer, seed=1), tokenizer, tmp_path / "rm")
+    launch_two(tmp_path, "ppo", tmp_path / "ppo", f"model.name_or_path={pretrained / 'model'}",
+               f"reward_model.name_or_path={tmp_path / 'rm'}", "data.train=synthetic:32", "train.max_steps=2",
+               "train.batch_size=2", "ppo.rollout_batch=4", "ppo.max_new_tokens=6")

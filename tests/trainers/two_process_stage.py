@@ -1,19 +1,23 @@
-"""Run under a 2-process launcher by test_two_processes.py: pretrain, then compare parameters across ranks.
+"""Run under a 2-process launcher by test_two_processes.py: train one stage, then compare the trained
+parameters across ranks.
 
-    python -m accelerate.commands.launch ... two_process_pretrain.py OUTPUT_DIR [key=value ...]
+    python -m accelerate.commands.launch ... two_process_stage.py STAGE OUTPUT_DIR [key=value ...]
 """
 
+import importlib
 import json
 import sys
 
 import torch
 import torch.distributed as dist
 
-from llmstack.config import PretrainConfig, load_config
-from llmstack.trainers.pretrain import pretrain
+from llmstack.cli import STAGES
+from llmstack.config import load_config
 
-out, *overrides = sys.argv[1:]
-result = pretrain(load_config(PretrainConfig, None, [f"output_dir={out}", *overrides]))
+stage, out, *overrides = sys.argv[1:]
+config_cls, target = STAGES[stage]
+module, func = target.split(":")
+result = getattr(importlib.import_module(module), func)(load_config(config_cls, None, [f"output_dir={out}", *overrides]))
 flat = torch.cat([p.detach().flatten() for p in result.model.parameters()])
 gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)

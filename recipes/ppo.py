@@ -1,0 +1,17 @@
+"""PPO with a KL penalty against the SFT model.
+
+    python recipes/ppo.py --config configs/tiny/ppo.yaml [key=value ...]
+    accelerate launch --config_file configs/accelerate/<setup>.yaml recipes/ppo.py --config ...
+"""
+
+import sys
+
+from llmstack.cli import run_stage
+
+
+def main(argv=None) -> int:
+    return run_stage("ppo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""PPO on tiny models: invariants at the first step, where the reward lands, resume, and the run directory."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from llmstack.config import PPOConfig, load_config
+from llmstack.data.chat import ensure_chat_template
+from llmstack.data.synthetic import corpus, instructions
+from llmstack.data.text import train_tokenizer
+from llmstack.models.causal_lm import build_from_preset, load_causal_lm, save_model
+from llmstack.rl.advantages import RunningMoments, last_token_index
+from llmstack.rl.rollout import HFGenerator, response_logprobs, response_mask
+from llmstack.tracking.metrics import MetricsLog
+from llmstack.trainers.ppo import generate, load_prompts, ppo, score
+from llmstack.trainers.reward import load_reward_model, sequence_scores
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo-models")
+    tokenizer = train_tokenizer(corpus(200) + [m["content"] for c in instructions(200) for m in c], 384)
+    ensure_chat_template(tokenizer)
+    save_model(build_from_preset("llama-1m", tokenizer, 256, seed=0), tokenizer, root / "policy")
+    save_model(load_reward_model(str(root / "policy"), tokenizer, seed=1), tokenizer, root / "reward")
+    return root / "policy", root / "reward", tokenizer
+
+
+def config(tmp_path, models, name, *overrides):
+    policy, rm, _ = models
+    return load_config(PPOConfig, None, [
+        f"output_dir={tmp_path / name}", f"model.name_or_path={policy}", f"reward_model.name_or_path={rm}",
+        "data.train=synthetic:64", "train.max_steps=4", "train.batch_size=4", "train.lr=1e-3", "train.save_every=2",
+        "ppo.rollout_batch=8", "ppo.max_new_tokens=8", "ppo.kl_target=null", "samples_per_step=2", *overrides])
+
+
+def test_policy_equal_to_reference_gives_zero_kl_and_unit_first_ratio(tmp_path, models):
+    policy_path, rm_path, tokenizer = models
+    cfg = config(tmp_path, models, "x", "ppo.kl_estimator=k3")
+    acc = Accelerator(cpu=True)
+    policy, reference = load_causal_lm(str(policy_path)), load_causal_lm(str(policy_path)).eval()
+    reward_model = load_reward_model(str(rm_path), tokenizer, 0).eval()
+    value = load_reward_model(str(rm_path), tokenizer, 0)
+    rows, _ = load_prompts(cfg, tokenizer)
+    gen = HFGenerator(8, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    exp = score(acc, generate(acc, policy, rows.rows(torch.arange(8)), gen), policy, reference, reward_model, value,
+                0.1, cfg, RunningMoments())
+    assert torch.equal(exp.logp, exp.ref_logp) and exp.kl.abs().sum() == 0
+    again, _ = response_logprobs(policy, *exp.response_args(torch.arange(4)), 1.0)
+    assert torch.equal(torch.exp(again - exp.logp[:4]), torch.ones_like(again))
+
+
+def test_score_is_read_at_the_last_response_token_under_left_padding_and_early_eos(models):
+    _, rm_path, tokenizer = models
+    reward_model = load_reward_model(str(rm_path), tokenizer, 0).eval()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt_ids = torch.tensor([[pad, pad, 5, 6], [7, 8, 9, 10]])
+    prompt_mask = (prompt_ids != pad).long()
+    responses = torch.tensor([[11, eos, 12, 13], [14, 15, 16, 17]])  # early EOS; no EOS (cut at max length)
+    mask, ended = response_mask(responses, eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
+    assert last_token_index(mask).tolist() == [1, 3]
+    with torch.no_grad():
+        joined = sequence_scores(reward_model, torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask], 1))
+        alone = [sequence_scores(reward_model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+                 for seq in ([5, 6, 11, eos], [7, 8, 9, 10, 14, 15, 16, 17])]
+    torch.testing.assert_close(joined, torch.cat(alone), rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_ppo_resumes_to_the_same_policy(tmp_path, models, monkeypatch):
+    whole = ppo(config(tmp_path, models, "whole"))
+    original = MetricsLog.log
+
+    def log(self, step, row):
+        original(self, step, row)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricsLog, "log", log)
+        stopped = ppo(config(tmp_path, models, "split"))
+    assert stopped.status == "interrupted" and stopped.state.step == 3
+    resumed = ppo(config(tmp_path, models, "split"))
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    keep = ("loss", "reward", "kl", "value_loss")
+    assert [{k: r[k] for k in keep} for r in rows("split")] == [{k: r[k] for k in keep} for r in rows("whole")]
+    out = tmp_path / "whole"
+    assert (out / "value_model" / "model.safetensors").is_file() and (out / "samples.jsonl").is_file()
+    assert json.loads((out / "record.json").read_text())["status"] == "finished"
