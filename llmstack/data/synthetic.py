@@ -90,12 +90,16 @@ ANNOTATOR_NOISE = {"ann-a": 0.05, "ann-b": 0.15, "ann-c": 0.3}  # chance of swap
 
 
 def _candidates(rng: random.Random, a: int, b: int) -> list[str]:
-    """Answers in rubric order: correct beats wrong, then concise beats padded."""
+    """Answers in rubric order: right sum of the asked numbers, then concise over padded; then a wrong sum;
+    then a sum of numbers that were not asked (the mistake a weak model makes: copying the wrong operand)."""
     right, wrong = NUMBERS[a + b], NUMBERS[(a + b + rng.randint(1, 5)) % len(NUMBERS)]
+    other = (a + rng.randint(1, 9)) % 10
+    pad = "Well, let me think about it for a while. "
     return [f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {right}.",
-            f"Well, let me think about it for a while. {NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {right}.",
+            f"{pad}{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {right}.",
             f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {wrong}.",
-            f"Well, let me think about it for a while. {NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {wrong}."]
+            f"{NUMBERS[other].capitalize()} plus {NUMBERS[b]} is {NUMBERS[other + b]}.",
+            f"{pad}{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {wrong}."]
 
 
 def preferences(n_prompts: int, seed: int = 0, judges_per_prompt: int = 2) -> list[dict]:
@@ -127,11 +131,12 @@ def rl_prompts(n_prompts: int, seed: int = 0) -> list[list[dict]]:
 
 
 def gold_reward(question: str, answer: str) -> float:
-    """The rubric the simulated annotators follow, as a number: 1 for the right sum, +0.5 for not padding
-    the answer; 0 for anything else. Returns 0 for a question this task did not ask."""
+    """The rubric the simulated annotators follow, as a number: 1 for restating the asked numbers with their
+    right sum, +0.5 for not padding the answer; 0 for anything else (or a question this task did not ask)."""
     words = question.rstrip("?").split()
     if len(words) < 5 or words[3] != "plus" or words[2] not in NUMBERS or words[4] not in NUMBERS:
         return 0.0
-    right = NUMBERS[NUMBERS.index(words[2]) + NUMBERS.index(words[4])]
-    correct = f"is {right}." in answer and answer.count(" is ") == 1
-    return (1.0 + 0.5 * (not answer.startswith("Well"))) if correct else 0.0
+    a, b = NUMBERS.index(words[2]), NUMBERS.index(words[4])
+    body = answer.removeprefix("Well, let me think about it for a while. ")
+    correct = body.lower() == f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}."
+    return (1.0 + 0.5 * (body == answer)) if correct else 0.0
