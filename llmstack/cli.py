@@ -7,8 +7,8 @@ import difflib
 import importlib
 import sys
 
-from llmstack.config import (ConfigError, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, describe,
-                             load_config)
+from llmstack.config import (ConfigError, PipelineConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
+                             describe, load_config)
 from llmstack.trainers.base import NonFiniteLossError
 
 # stage -> (config class, "module:function" run lazily so `--help` does not import torch-heavy code)
@@ -17,6 +17,7 @@ STAGES = {
     "sft": (SFTConfig, "llmstack.trainers.sft:sft"),
     "reward": (RewardConfig, "llmstack.trainers.reward:reward"),
     "ppo": (PPOConfig, "llmstack.trainers.ppo:ppo"),
+    "pipeline": (PipelineConfig, "llmstack.trainers.pipeline:pipeline"),
 }
 
 

@@ -253,6 +253,52 @@ class PPOConfig:
                               "rollout; set ppo.rollout_batch for more samples and keep grad_accum 1")
 
 
+PREVIOUS = "previous"  # a model path meaning "the previous pipeline stage's model/"
+
+
+def _tiny_sft() -> SFTConfig:
+    return SFTConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
+                     data=ChatDataConfig(train="synthetic:2000", max_length=128),
+                     train=TrainConfig(max_steps=150, batch_size=8, lr=1e-3, warmup_steps=15, eval_every=50,
+                                       save_every=50),
+                     sample_prompts=4, sample_max_new_tokens=24)
+
+
+def _tiny_reward() -> RewardConfig:
+    return RewardConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
+                        data=PreferenceDataConfig(train="synthetic:400", max_length=64),
+                        train=TrainConfig(max_steps=100, batch_size=8, lr=1e-3, warmup_steps=10, eval_every=50,
+                                          save_every=50))
+
+
+def _tiny_ppo() -> PPOConfig:
+    return PPOConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
+                     reward_model=ModelRef(PREVIOUS),
+                     data=PromptDataConfig(train="synthetic:500", max_prompt_length=32),
+                     train=TrainConfig(max_steps=60, batch_size=16, lr=2e-5, warmup_steps=0, schedule="constant",
+                                       log_every=5, eval_every=0, save_every=20),
+                     ppo=PPOSettings(rollout_batch=32, value_lr=1e-4, max_new_tokens=24, kl_target=2.0,
+                                     kl_horizon=2000))
+
+
+@dataclass
+class PipelineConfig:
+    """The whole path in one command: pretrain -> SFT -> reward model -> PPO, each stage starting from the
+    previous stage's model ('previous'), each in its own run directory, with a REPORT.md of the evidence."""
+
+    output_dir: str = option("runs/pipeline", "Pipeline directory; each stage runs in a folder inside it.")
+    seed: int = option(0, "Seed given to every stage.", ge=0)
+    pretrain: PretrainConfig = option(default_factory=lambda: PretrainConfig(
+        data=DataConfig(train="synthetic:3000", block_size=128),
+        model=ModelConfig(preset="llama-1m", vocab_size=2048),
+        train=TrainConfig(max_steps=300, batch_size=16, lr=3e-3, warmup_steps=30)))
+    sft: SFTConfig = option(default_factory=_tiny_sft)
+    reward: RewardConfig = option(default_factory=_tiny_reward)
+    ppo: PPOConfig = option(default_factory=_tiny_ppo)
+    contrast_without_kl: bool = option(True, "Also run PPO with the KL penalty off, to show over-optimisation "
+                                       "of the reward model against the gold reward.")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading and validation
 

@@ -1,0 +1,53 @@
+"""The pipeline on a minimal size: lineage between stages, resume after an interruption, the report."""
+
+import json
+import os
+import signal
+
+import pytest
+
+import llmstack.trainers.evidence as evidence
+from llmstack.config import PipelineConfig, load_config
+from llmstack.tracking.metrics import MetricsLog
+from llmstack.tracking.record import file_sha256
+from llmstack.trainers.pipeline import pipeline
+
+MINIMAL = ["pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3", "pretrain.data.train=synthetic:200",
+           "pretrain.data.block_size=64", "pretrain.train.eval_batches=2", "sft.train.max_steps=10",
+           "sft.train.warmup_steps=2", "sft.data.train=synthetic:100", "sft.sample_prompts=1",
+           "reward.train.max_steps=10", "reward.train.warmup_steps=2", "reward.data.train=synthetic:60",
+           "ppo.train.max_steps=4", "ppo.train.log_every=1", "ppo.ppo.rollout_batch=8", "ppo.train.batch_size=4",
+           "ppo.ppo.max_new_tokens=8", "ppo.data.train=synthetic:32"]
+
+
+@pytest.mark.slow
+def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(evidence, "N_QUESTIONS", 4)
+    cfg = load_config(PipelineConfig, None, [f"output_dir={tmp_path}", *MINIMAL])
+    original = MetricsLog.log
+
+    def stop_in_ppo(self, step, row):
+        original(self, step, row)
+        if "kl_coef" in row and step == 2 and "ppo-no-kl" not in str(self.path):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricsLog, "log", stop_in_ppo)
+        interrupted = pipeline(cfg)
+    assert interrupted.status == "interrupted" and not (tmp_path / "REPORT.md").exists()
+    finished_before = {s: (tmp_path / s / "metrics.jsonl").read_text() for s in ("pretrain", "sft", "reward")}
+
+    pipeline(cfg)
+    for stage, text in finished_before.items():
+        assert (tmp_path / stage / "metrics.jsonl").read_text() == text, f"{stage} was trained again"
+    assert [json.loads(x)["step"] for x in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    chain = [("sft", "pretrain"), ("reward", "sft"), ("ppo", "sft"), ("ppo-no-kl", "sft")]
+    for child, parent in chain:
+        link = json.loads((tmp_path / child / "record.json").read_text())["parent"]
+        assert link["run_dir"] == str((tmp_path / parent).resolve())
+        assert link["record_sha256"] == file_sha256(tmp_path / parent / "record.json")
+    ppo_inputs = json.loads((tmp_path / "ppo/record.json").read_text())["inputs"]
+    assert ppo_inputs["reward_model"]["record_sha256"] == file_sha256(tmp_path / "reward/record.json")
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "held-out perplexity" in report and "KL penalty off" in report and "gold reward" in report
