@@ -11,10 +11,7 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/llmstack pretrain --config configs/tiny/pretrain.yaml
-	$(VENV)/bin/llmstack sft --config configs/tiny/sft.yaml
-	$(VENV)/bin/llmstack reward --config configs/tiny/reward.yaml
-	$(VENV)/bin/llmstack ppo --config configs/tiny/ppo.yaml
+	$(VENV)/bin/llmstack pipeline
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
