@@ -7,7 +7,7 @@ record and a model card. Every stage calls these in the same order, so every run
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from llmstack.config import save_config, to_dict
 from llmstack.models.causal_lm import save_model
 from llmstack.trainers.base import Checkpointer, describe_world, log, make_accelerator, setup_logging
+from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
 from llmstack.tracking.record import RunRecord, write_model_card
 
@@ -33,6 +34,7 @@ class Run:
     metrics: MetricsLog
     record: RunRecord | None
     finished: bool = False
+    energy: EnergyMeter = field(default_factory=EnergyMeter)
 
 
 def open_run(cfg, stage: str) -> Run:
@@ -58,7 +60,9 @@ def open_run(cfg, stage: str) -> Run:
         acc.init_trackers(stage, config=_flat(to_dict(cfg)))
     set_seed(cfg.seed)
     record = RunRecord(out, stage, to_dict(cfg), inputs={}, parent=None) if acc.is_main_process else None
-    return Run(cfg, stage, out, acc, checkpointer, metrics, record)
+    run = Run(cfg, stage, out, acc, checkpointer, metrics, record)
+    run.energy.start()
+    return run
 
 
 def finished_record(run_dir: Path) -> dict | None:
@@ -114,7 +118,7 @@ def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adap
             save_model(final, tokenizer, run.dir / "model", state_dict=state_dict)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        run.record.update(metrics=summary)
+        run.record.update(metrics=summary, energy=run.energy.stop())
         run.record.finish(status)
         if status == "finished":
             write_model_card(run.dir, run.record.data)
