@@ -8,6 +8,7 @@ import pytest
 
 import llmstack.trainers.evidence as evidence
 from llmstack.config import PipelineConfig, load_config
+from llmstack.tracking.lineage import format_lineage, lineage
 from llmstack.tracking.metrics import MetricsLog
 from llmstack.tracking.record import file_sha256
 from llmstack.trainers.pipeline import pipeline
@@ -49,5 +50,8 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
         assert link["record_sha256"] == file_sha256(tmp_path / parent / "record.json")
     ppo_inputs = json.loads((tmp_path / "ppo/record.json").read_text())["inputs"]
     assert ppo_inputs["reward_model"]["record_sha256"] == file_sha256(tmp_path / "reward/record.json")
+    chain = lineage(tmp_path / "ppo")
+    assert [r["stage"] for r in chain] == ["ppo", "sft", "pretrain"]
+    assert "pretrain [finished]" in format_lineage(chain)
     report = (tmp_path / "REPORT.md").read_text()
     assert "held-out perplexity" in report and "KL penalty off" in report and "gold reward" in report
