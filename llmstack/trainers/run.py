@@ -97,6 +97,8 @@ def resume(run: Run, batches, restore) -> object | None:
     """Load the newest valid checkpoint into the prepared objects; returns what `restore` makes of its state."""
     path = run.checkpointer.latest()
     if path is None:
+        # a run that died before its first checkpoint starts over: its old rows must not stay in front
+        run.metrics.truncate_after(0)
         return None
     saved = run.checkpointer.load(path)
     run.metrics.truncate_after(saved["step"])
