@@ -1,6 +1,5 @@
 import time
 
-import pytest
 
 from llmstack.tracking.progress import Progress
 
