@@ -141,6 +141,16 @@ class LoraConfig:
                                        help="Module names (suffixes) that get adapters.")
     merge: bool = option(True, "Save the adapters merged into the base weights (a plain model); false saves "
                          "the adapters alone in peft format.")
+    load_in_4bit: bool = option(False, "QLoRA: keep the frozen base weights in 4-bit NF4 (bitsandbytes) under "
+                                "the adapters.")
+
+    def validate(self, prefix: str) -> None:
+        if self.load_in_4bit and not self.enabled:
+            raise ConfigError(f"config key '{prefix}.load_in_4bit' needs '{prefix}.enabled=true': a 4-bit base "
+                              "can only train through adapters")
+        if self.load_in_4bit and self.merge:
+            raise ConfigError(f"config key '{prefix}.merge': merging adapters into a 4-bit base would save "
+                              f"re-quantised weights; set {prefix}.merge=false with {prefix}.load_in_4bit")
 
 
 @dataclass

@@ -17,12 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 
 log = logging.getLogger(__name__)
 
-# Llama-style architectures for CPU work and small GPU runs. Embeddings are tied, so the parameter count in
+# Llama-style architectures for CPU work and small GPU runs. Widths are multiples of 64 (GEMM tiles, and
+# bitsandbytes 4-bit blocks for QLoRA). Embeddings are tied, so the parameter count in
 # the name includes the vocabulary matrix once, at the vocabulary size noted beside each preset.
 PRESETS: dict[str, dict] = {
     # ~1.4M parameters at vocab 4096: CI and laptop smoke runs, minutes on 2 CPU cores.
     "llama-1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=352),
+                     intermediate_size=384),
     # ~26M parameters at vocab 32000: benchmarks and realistic CPU runs.
     "llama-25m": dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=6,
                       intermediate_size=1024),
@@ -50,12 +51,19 @@ def build_from_preset(name: str, tokenizer, max_positions: int, seed: int) -> Pr
     return AutoModelForCausalLM.from_config(preset_config(name, vocab, max_positions, tokenizer))
 
 
-def load_causal_lm(name_or_path: str, gguf_file: str | None = None,
-                   trust_remote_code: bool = False) -> PreTrainedModel:
-    """Any `AutoModelForCausalLM`, in fp32 (mixed precision is applied by the trainer, not the weights)."""
+def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   load_in_4bit: bool = False) -> PreTrainedModel:
+    """Any `AutoModelForCausalLM`, in fp32 (mixed precision is applied by the trainer, not the weights), or
+    with its linear layers in 4-bit NF4 for QLoRA (bitsandbytes; bf16 compute)."""
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16,
+                                                           bnb_4bit_use_double_quant=True)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:

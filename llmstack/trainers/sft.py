@@ -61,8 +61,11 @@ def apply_lora(model, lora, gradient_checkpointing: bool):
     try:
         import peft
     except ImportError as err:
-        raise ImportError("lora.enabled needs peft: pip install 'llmstack[lora]'") from err
-    if gradient_checkpointing:
+        raise ImportError("lora.enabled needs peft (and lora.load_in_4bit bitsandbytes): "
+                          "pip install 'llmstack[lora]'") from err
+    if lora.load_in_4bit:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
         model.enable_input_require_grads()
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
@@ -121,7 +124,7 @@ def sft(cfg: SFTConfig) -> LoopResult | None:
              f"{train_rows.stats['truncated']} truncated at {d.max_length} tokens)")
     batches = batching.ShuffledBatches(train_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                        cfg.seed)
-    model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)
+    model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code, cfg.lora.load_in_4bit)
     causal_lm.check_vocab(model, tokenizer)
     model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing)
 

@@ -113,3 +113,25 @@ def test_lora_trains_only_adapters_and_the_merged_save_matches_them(tmp_path, ba
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, with_adapters(ids).logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(plain(ids).logits, merged.model(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_qlora_trains_adapters_over_a_4bit_base_and_saves_them(tmp_path, base):
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    result = sft(config(tmp_path, "qlora", base[0], "lora.enabled=true", "lora.load_in_4bit=true", "lora.merge=false",
+                        "lora.r=4", "train.max_steps=6", "train.eval_every=3", "sample_prompts=0"))
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    q_proj = result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj).__name__ == "Linear4bit"
+    record = json.loads((tmp_path / "qlora/record.json").read_text())
+    assert record["metrics"]["final_eval_loss"] < record["metrics"]["initial_eval_loss"]
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base[0]), tmp_path / "qlora/model")
+    assert any("lora_A" in n for n, _ in reloaded.named_parameters())
+
+
+def test_4bit_without_adapters_is_refused():
+    from llmstack.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'lora.load_in_4bit' needs 'lora.enabled=true'"):
+        load_config(SFTConfig, None, ["model.name_or_path=m", "lora.load_in_4bit=true"])
