@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from llmstack.config import PretrainConfig, load_config
@@ -16,6 +15,8 @@ from llmstack.data.chat import ensure_chat_template
 from llmstack.models.causal_lm import load_tokenizer, save_model
 from llmstack.trainers.pretrain import pretrain
 from llmstack.trainers.reward import load_reward_model
+
+from helpers import assert_same_updates, initial_params, params  # noqa: E402  (tests/trainers)
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["model.preset=llama-1m", "model.vocab_size=384", "data.train=synthetic:300", "data.block_size=32",
@@ -51,9 +52,9 @@ def test_two_process_training_keeps_ranks_identical_and_matches_one_process(tmp_
     single = pretrain(load_config(PretrainConfig, None, [f"output_dir={tmp_path / 'one'}", *COMMON,
                                                          "train.batch_size=4"]))
     ddp_weights = load_file(out / "model" / "model.safetensors")
-    for name, value in single.model.state_dict().items():
-        if name in ddp_weights:
-            torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=2e-6, msg=name)
+    init = initial_params(tmp_path / "one")
+    shared = {k: v for k, v in init.items() if k in ddp_weights}
+    assert_same_updates(shared, params(single.model), ddp_weights)
     ddp_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     one_rows = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in one_rows], rel=1e-5)

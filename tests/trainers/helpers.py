@@ -1,0 +1,33 @@
+"""Shared by the trainer tests (imported by name: pytest puts this folder on sys.path)."""
+
+import torch
+from transformers import AutoTokenizer
+
+import llmstack.trainers.pretrain as pretrain_mod
+from llmstack.config import PretrainConfig, load_config
+
+
+def params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_params(a: dict, b: dict, **tol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=f"parameter {key} differs", **tol)
+
+
+def initial_params(run_dir) -> dict:
+    """The weights a preset run started from (same seed, same tokenizer)."""
+    cfg = load_config(PretrainConfig, run_dir / "config.yaml")
+    return params(pretrain_mod.prepare_model(cfg, AutoTokenizer.from_pretrained(run_dir / "model")))
+
+
+def assert_same_updates(init: dict, a: dict, b: dict, rel: float = 1e-3):
+    """Two trainings from `init` moved every tensor the same way, up to fp32 summation order: Adam divides
+    by sqrt(v), which turns rounding differences of tiny gradients into visible ones, so the check is on
+    the size of the update rather than an absolute tolerance on the weights."""
+    for key in init:
+        step_a, step_b = a[key] - init[key], b[key] - init[key]
+        assert step_a.norm() > 0, f"{key} did not train"
+        assert (step_a - step_b).norm() <= rel * step_a.norm(), f"{key}: updates differ"
