@@ -76,9 +76,9 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
     if run.record is not None:
         run.record.update(**record, resumed_from_step=state.step or None,
                           model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params,
-                                 "trainable_parameters": n_trainable},
-                          compute={"world_size": acc.num_processes, "device": str(acc.device),
-                                   "peak_flops_per_device": peak, "peak_source": peak_source})
+                                 "trainable_parameters": n_trainable})
+        run.record.set_compute(acc.num_processes, device=str(acc.device), peak_flops_per_device=peak,
+                               peak_source=peak_source)
         run.record.save()
     try:
         result = train_supervised(acc, model, optimizer, scheduler, batches, objective, train, state,
