@@ -203,6 +203,8 @@ class PromptDataConfig:
     prompt_field: str = option("prompt", "Field holding the prompt.")
     messages_field: str = option("messages", "Field holding a conversation to continue.")
     max_prompt_length: int = option(256, "Prompts longer than this (in tokens) keep their last tokens.", ge=8)
+    ptx: str | None = option(None, "Pretraining text mixed into the policy updates when ppo.ptx_coef > 0, in "
+                             "the forms pretraining takes.")
 
 
 @dataclass
@@ -235,6 +237,9 @@ class PPOSettings:
     normalize_rewards: bool = option(True, "Scale scores with the reward model's stored reward_mean/std.")
     reward_clip: float | None = option(None, "Clip (normalised) scores to [-c, c].", gt=0.0)
     whiten_advantages: bool = option(True, "Zero mean, unit variance advantages over the global batch.")
+    ptx_coef: float = option(0.0, "PPO-ptx: weight of the next-token loss on data.ptx added to every policy "
+                             "minibatch (Ouyang et al. 2022, eq. 2), against regressions on the pretraining "
+                             "distribution.", ge=0.0)
 
 
 @dataclass
@@ -258,6 +263,8 @@ class PPOConfig:
     def validate(self, prefix: str) -> None:
         if not self.reward_model.name_or_path:
             raise ConfigError("config key 'reward_model.name_or_path' is required: the reward stage's model/")
+        if self.ppo.ptx_coef > 0 and not self.data.ptx:
+            raise ConfigError("config key 'ppo.ptx_coef' > 0 needs 'data.ptx': the pretraining text to mix in")
         if self.train.grad_accum != 1:
             raise ConfigError("config key 'train.grad_accum': PPO takes minibatches of train.batch_size from each "
                               "rollout; set ppo.rollout_batch for more samples and keep grad_accum 1")

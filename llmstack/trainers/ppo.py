@@ -23,7 +23,8 @@ from llmstack.config import PPOConfig
 from llmstack.data import batching, synthetic
 from llmstack.data.sources import iter_records, synthetic_count
 from llmstack.data.chat import ensure_chat_template
-from llmstack.losses import ppo_policy_loss_sum, value_loss_sum
+from llmstack.data.text import pack_corpus
+from llmstack.losses import causal_lm_loss_sum, count_targets, ppo_policy_loss_sum, value_loss_sum
 from llmstack.models import causal_lm
 from llmstack.rl.advantages import RunningMoments, gae, masked_mean_var, token_rewards, whiten
 from llmstack.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
@@ -157,10 +158,21 @@ def score(acc, exp: Experience, policy, reference, reward_model, value, kl_coef:
     return exp
 
 
+def ptx_loss(acc, policy, ptx_batches, coef: float) -> torch.Tensor:
+    """Backpropagate coef x the global token-mean next-token loss of one pretraining batch; return the loss."""
+    batch = {k: v.to(acc.device) for k, v in next(ptx_batches).items()}
+    n_tokens = acc.reduce(torch.tensor(float(count_targets(batch["labels"])), device=acc.device), "sum").clamp(min=1)
+    loss_sum = causal_lm_loss_sum(policy(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
+    acc.backward(coef * loss_sum * acc.num_processes / n_tokens)
+    return acc.reduce(loss_sum.detach().double(), "sum") / n_tokens
+
+
 def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef: float, cfg: PPOConfig,
-           step: int) -> dict:
-    """`ppo.epochs` passes over the rollout in shuffled minibatches of `train.batch_size`."""
+           step: int, ptx_batches=None) -> dict:
+    """`ppo.epochs` passes over the rollout in shuffled minibatches of `train.batch_size`; with PPO-ptx each
+    minibatch's policy gradient also gets `ppo.ptx_coef` times a pretraining batch's loss gradient."""
     p, train = cfg.ppo, cfg.train
+    ptx_total, ptx_count = 0.0, 0
     order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     losses = torch.zeros(2, device=acc.device, dtype=torch.float64)  # global sums: policy, value
     local = torch.zeros(4, device=acc.device, dtype=torch.float64)  # clipped, approx KL, entropy, tokens
@@ -183,6 +195,9 @@ def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef:
                                          f"{step + 1}; the update was not applied")
             acc.backward(policy_loss * scale)
             acc.backward(v_loss * scale)
+            if ptx_batches is not None:
+                ptx_total += float(ptx_loss(acc, policy, ptx_batches, p.ptx_coef))
+                ptx_count += 1
             for model, optimizer in zip((policy, value), optimizers):
                 if train.max_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), train.max_grad_norm)
@@ -195,9 +210,12 @@ def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef:
         scheduler.step()
     local = acc.reduce(local, "sum")
     tokens = local[3].clamp(min=1)
-    return {"loss": float(losses[0] / tokens), "value_loss": float(losses[1] / tokens),
-            "clip_fraction": float(local[0] / tokens), "approx_kl": float(local[1] / tokens),
-            "entropy": float(local[2] / tokens)}
+    out = {"loss": float(losses[0] / tokens), "value_loss": float(losses[1] / tokens),
+           "clip_fraction": float(local[0] / tokens), "approx_kl": float(local[1] / tokens),
+           "entropy": float(local[2] / tokens)}
+    if ptx_count:
+        out["ptx_loss"] = ptx_total / ptx_count
+    return out
 
 
 def rollout_metrics(acc, exp: Experience, conversations, kl_coef: float, tokenizer, gold: bool) -> dict:
@@ -253,8 +271,22 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
         acc.register_for_checkpointing(obj)
     generator = HFGenerator(p.max_new_tokens, p.temperature, p.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id)
     gold = synthetic_count(cfg.data.train) is not None
-    state = resume(run, prompts, lambda saved, b: (b.load_state_dict(saved["data"]), LoopState(step=saved["step"]))[1])
-    state = state or LoopState()
+    ptx = None
+    if p.ptx_coef > 0:
+        blocks, _ = pack_corpus(cfg.data.ptx, tokenizer, cfg.data.max_prompt_length + p.max_new_tokens, 0.0, cfg.seed)
+        ptx = batching.ShuffledBatches(blocks, train.batch_size, acc.process_index, acc.num_processes, cfg.seed)
+
+    def restore(saved: dict, prompt_batches) -> LoopState:
+        prompt_batches.load_state_dict(saved["data"])
+        if ptx is not None:
+            ptx.load_state_dict(saved["ptx"])
+        return LoopState(step=saved["step"])
+
+    def checkpoint_state() -> dict:
+        return {"data": prompts.state_dict(), **({"ptx": ptx.state_dict()} if ptx is not None else {})}
+
+    state = resume(run, prompts, restore) or LoopState()
+    ptx_batches = iter(ptx) if ptx is not None else None
     if run.record is not None:
         run.record.update(parent=find_parent(cfg.model.name_or_path), inputs={"prompts": {"spec": cfg.data.train},
                           "reward_model": find_parent(cfg.reward_model.name_or_path)},
@@ -270,7 +302,7 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
             t_gen = time.perf_counter()
             exp = score(acc, exp, policy, reference, reward_model, value, kl_ctl.coef, cfg, moments)
             t_score = time.perf_counter()
-            stats = update(acc, exp, policy, value, optimizers, schedulers, kl_ctl.coef, cfg, state.step)
+            stats = update(acc, exp, policy, value, optimizers, schedulers, kl_ctl.coef, cfg, state.step, ptx_batches)
             t_update = time.perf_counter()
             metrics = rollout_metrics(acc, exp, conversations, kl_ctl.coef, tokenizer, gold)
             kl_ctl.update(metrics["kl"], p.rollout_batch * acc.num_processes)
@@ -285,11 +317,11 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
                 state.last_eval = metrics
             progress.update(state.step, reward=metrics["reward"], kl=metrics["kl"])
             if stop.requested(acc):
-                run.checkpointer.save(state.step, {"data": prompts.state_dict()})
+                run.checkpointer.save(state.step, checkpoint_state())
                 result = LoopResult("interrupted", state, stop.signum or 15)
                 break
             if state.step % train.save_every == 0 or state.step == train.max_steps:
-                run.checkpointer.save(state.step, {"data": prompts.state_dict()})
+                run.checkpointer.save(state.step, checkpoint_state())
     progress.close()
     result = result or LoopResult("finished", state)
     if result.status == "finished" and acc.is_main_process:

@@ -72,8 +72,12 @@ def test_score_is_read_at_the_last_response_token_under_left_padding_and_early_e
     torch.testing.assert_close(joined, torch.cat(alone), rtol=1e-5, atol=1e-6)
 
 
-def test_interrupted_ppo_resumes_to_the_same_policy(tmp_path, models, monkeypatch):
-    whole = ppo(config(tmp_path, models, "whole"))
+PTX = ("ppo.ptx_coef=0.5", "data.ptx=synthetic:50")
+
+
+@pytest.mark.parametrize("extra", [(), PTX], ids=["ppo", "ppo-ptx"])
+def test_interrupted_ppo_resumes_to_the_same_policy(tmp_path, models, monkeypatch, extra):
+    whole = ppo(config(tmp_path, models, "whole", *extra))
     original = MetricsLog.log
 
     def log(self, step, row):
@@ -83,9 +87,9 @@ def test_interrupted_ppo_resumes_to_the_same_policy(tmp_path, models, monkeypatc
 
     with monkeypatch.context() as patch:
         patch.setattr(MetricsLog, "log", log)
-        stopped = ppo(config(tmp_path, models, "split"))
+        stopped = ppo(config(tmp_path, models, "split", *extra))
     assert stopped.status == "interrupted" and stopped.state.step == 3
-    resumed = ppo(config(tmp_path, models, "split"))
+    resumed = ppo(config(tmp_path, models, "split", *extra))
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -94,3 +98,20 @@ def test_interrupted_ppo_resumes_to_the_same_policy(tmp_path, models, monkeypatc
     out = tmp_path / "whole"
     assert (out / "value_model" / "model.safetensors").is_file() and (out / "samples.jsonl").is_file()
     assert json.loads((out / "record.json").read_text())["status"] == "finished"
+
+
+def test_ptx_mixes_a_pretraining_loss_into_the_policy_update(tmp_path, models):
+    plain = ppo(config(tmp_path, models, "plain", "train.max_steps=2"))
+    mixed = ppo(config(tmp_path, models, "mixed", "train.max_steps=2", *PTX))
+    rows = [json.loads(x) for x in (tmp_path / "mixed/metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["ptx_loss"] < 20 for r in rows)
+    first_plain = json.loads((tmp_path / "plain/metrics.jsonl").read_text().splitlines()[0])
+    assert rows[0]["reward"] == first_plain["reward"]  # same rollout: the mix only changes the update
+    assert not torch.equal(plain.model.model.embed_tokens.weight, mixed.model.model.embed_tokens.weight)
+
+
+def test_ptx_without_data_is_refused(models):
+    from llmstack.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'ppo.ptx_coef' > 0 needs 'data.ptx'"):
+        load_config(PPOConfig, None, ["model.name_or_path=a", "reward_model.name_or_path=b", "ppo.ptx_coef=1"])
