@@ -247,27 +247,27 @@ PREVIOUS = "previous"  # a model path meaning "the previous pipeline stage's mod
 
 def _tiny_sft() -> SFTConfig:
     return SFTConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
-                     data=ChatDataConfig(train="synthetic:2000", max_length=128),
-                     train=TrainConfig(max_steps=150, batch_size=8, lr=1e-3, warmup_steps=15, eval_every=50,
-                                       save_every=50),
+                     data=ChatDataConfig(train="synthetic:4000", max_length=128),
+                     train=TrainConfig(max_steps=600, batch_size=8, lr=1e-3, warmup_steps=15, eval_every=200,
+                                       save_every=200),
                      sample_prompts=4, sample_max_new_tokens=24)
 
 
 def _tiny_reward() -> RewardConfig:
     return RewardConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
-                        data=PreferenceDataConfig(train="synthetic:400", max_length=64),
-                        train=TrainConfig(max_steps=100, batch_size=8, lr=1e-3, warmup_steps=10, eval_every=50,
-                                          save_every=50))
+                        data=PreferenceDataConfig(train="synthetic:1500", max_length=64),
+                        train=TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100,
+                                          save_every=100))
 
 
 def _tiny_ppo() -> PPOConfig:
     return PPOConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
                      reward_model=ModelRef(PREVIOUS),
                      data=PromptDataConfig(train="synthetic:500", max_prompt_length=32),
-                     train=TrainConfig(max_steps=60, batch_size=16, lr=2e-5, warmup_steps=0, schedule="constant",
-                                       log_every=5, eval_every=0, save_every=20),
-                     ppo=PPOSettings(rollout_batch=32, value_lr=1e-4, max_new_tokens=24, kl_target=2.0,
-                                     kl_horizon=2000))
+                     train=TrainConfig(max_steps=100, batch_size=16, lr=5e-5, warmup_steps=0, schedule="constant",
+                                       log_every=1, eval_every=0, save_every=25),
+                     ppo=PPOSettings(rollout_batch=32, value_lr=1e-4, max_new_tokens=24, temperature=0.7,
+                                     kl_coef=0.1, kl_target=2.0, kl_horizon=256))
 
 
 @dataclass

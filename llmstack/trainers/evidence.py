@@ -7,6 +7,7 @@ rubric next to the annotators' own, and the gold reward under PPO with and witho
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -17,9 +18,13 @@ from llmstack.data import synthetic
 from llmstack.data.chat import ensure_chat_template
 from llmstack.data.preference import render
 from llmstack.models.causal_lm import load_causal_lm, load_tokenizer
+from llmstack.trainers.policy_eval import PolicyReading, read_policy
 from llmstack.trainers.reward import load_reward_model, sequence_scores
+from llmstack.tracking.plots import plot_panels, read_metrics, series
 
 N_QUESTIONS = 100
+SAMPLES = 4  # answers per question when a policy is read
+SMOOTH = 5
 
 
 def _record(run_dir: Path) -> dict:
@@ -32,7 +37,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 @torch.no_grad()
 def answer_accuracy(model_dir: Path, questions: list[list[dict]], max_new_tokens: int = 24) -> float:
-    """Share of greedy answers that restate the asked numbers with their right sum (gold reward > 0)."""
+    """Share of greedy answers that restate the asked numbers with their right result, in any style."""
     tokenizer = load_tokenizer(str(model_dir))
     ensure_chat_template(tokenizer)
     model = load_causal_lm(str(model_dir)).eval()
@@ -44,7 +49,8 @@ def answer_accuracy(model_dir: Path, questions: list[list[dict]], max_new_tokens
                              max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        right += synthetic.gold_reward(conversation[-1]["content"], answer) > 0
+        verdict = synthetic.judge(conversation[-1]["content"], answer)
+        right += bool(verdict and verdict["right"])
     return right / len(questions)
 
 
@@ -76,41 +82,81 @@ def gold_agreement(reward_dir: Path, seed: int) -> tuple[float, float]:
     return model_hits / total, annotator_hits / total
 
 
-def _first_last(rows: list[dict], key: str) -> str:
-    values = [r[key] for r in rows if key in r]
-    return f"{values[0]:.3f} → {values[-1]:.3f}" if values else "n/a"
+def _mean_of_last(rows: list[dict], key: str, n: int = 10) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None][-n:]
+    return sum(values) / len(values) if values else None
+
+
+def _readings(root: Path, cfg, questions) -> dict[str, PolicyReading]:
+    """The SFT model (PPO's reference and starting point) and each PPO policy, read on the same questions."""
+    p = cfg.ppo.ppo
+    read = lambda policy: read_policy(str(policy), str(root / "sft" / "model"), str(root / "reward" / "model"),  # noqa: E731
+                                      questions, samples=SAMPLES, temperature=p.temperature,
+                                      max_new_tokens=p.max_new_tokens, seed=cfg.seed)
+    out = {"SFT model (before PPO)": read(root / "sft" / "model"), "PPO, KL penalty on": read(root / "ppo" / "model")}
+    if (root / "ppo-no-kl" / "model").is_dir():
+        out["PPO, KL penalty off"] = read(root / "ppo-no-kl" / "model")
+    return out
+
+
+def _figures(root: Path) -> list[str]:
+    """training.png (each supervised stage's held-out curve) and ppo.png (proxy vs gold vs KL, KL on/off)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return ["(figures skipped: matplotlib is not installed; `pip install matplotlib` and re-run to draw them)"]
+    rows = {name: read_metrics(root / name / "metrics.jsonl") for name in ("pretrain", "sft", "reward", "ppo")}
+    plot_panels(root / "training.png", [
+        ("held-out perplexity", {"pretrain": series(rows["pretrain"], "eval_ppl")}),
+        ("held-out answer loss", {"SFT": series(rows["sft"], "eval_loss")}),
+        ("held-out pairwise accuracy", {"reward": series(rows["reward"], "eval_accuracy")})],
+        "Pretraining, SFT and reward model on held-out data")
+    runs = {"KL penalty on": rows["ppo"]}
+    if (root / "ppo-no-kl" / "metrics.jsonl").is_file():
+        runs["KL penalty off"] = read_metrics(root / "ppo-no-kl" / "metrics.jsonl")
+    panels = [(label, {run: series(r, key, SMOOTH) for run, r in runs.items()})
+              for label, key in (("reward-model score", "reward"), ("gold reward", "gold_reward"),
+                                 ("KL to reference (nats/answer)", "kl"))]
+    plot_panels(root / "ppo.png", panels, f"PPO rollouts (trailing mean of {SMOOTH} steps)")
+    return ["![training curves](training.png)", "", "![PPO curves](ppo.png)"]
 
 
 def write_report(root: Path, cfg) -> str:
-    pre, sft, rm, ppo_dir, no_kl = (root / n for n in ("pretrain", "sft", "reward", "ppo", "ppo-no-kl"))
+    pre, sft, rm = (root / n for n in ("pretrain", "sft", "reward"))
     pm, sm, rmm = _record(pre)["metrics"], _record(sft)["metrics"], _record(rm)["metrics"]
     questions = synthetic.rl_prompts(N_QUESTIONS, seed=cfg.seed + 104729)
     acc_before, acc_after = answer_accuracy(pre / "model", questions), answer_accuracy(sft / "model", questions)
     rm_gold, annotator_gold = gold_agreement(rm, cfg.seed)
     alpha = _record(rm)["annotators"]["krippendorff_alpha"]
+    readings = _readings(root, cfg, questions)
+    before, after = readings["SFT model (before PPO)"], readings["PPO, KL penalty on"]
+    p = cfg.ppo.ppo
     lines = ["# Pipeline report", "", f"Pipeline directory `{root}`; every stage's lineage is in its `record.json`.",
              "", "| stage | measure | before → after |", "|---|---|---|",
              f"| pretrain | held-out perplexity | {pm['initial_eval_ppl']:.2f} → {pm['final_eval_ppl']:.2f} |",
              f"| SFT | held-out answer loss | {sm['initial_eval_loss']:.3f} → {sm['final_eval_loss']:.3f} |",
-             f"| SFT | answer accuracy on {N_QUESTIONS} new questions (greedy) | {acc_before:.1%} → {acc_after:.1%} |",
+             f"| SFT | right answers to {N_QUESTIONS} new questions (greedy) | {acc_before:.1%} → {acc_after:.1%} |",
              f"| reward | held-out pairwise accuracy vs the annotators | {rmm['initial_eval_accuracy']:.1%} → "
-             f"{rmm['final_eval_accuracy']:.1%} |"]
-    ppo_rows = _metrics(ppo_dir)
-    lines += [f"| PPO | reward-model score | {_first_last(ppo_rows, 'reward')} |",
-              f"| PPO | gold reward | {_first_last(ppo_rows, 'gold_reward')} |",
-              f"| PPO | KL to the reference (nats per answer) | {_first_last(ppo_rows, 'kl')} |", "",
-              "## Reward model and the gold rubric", "",
-              f"On fresh built-in rankings, the reward model orders {rm_gold:.1%} of the gold-ordered answer pairs "
-              f"as the rubric does; the simulated annotators it learned from order {annotator_gold:.1%} of them so "
-              f"(their Krippendorff's alpha with each other: {alpha if alpha is None else round(alpha, 3)}).", ""]
-    if no_kl.is_dir():
-        rows = _metrics(no_kl)
-        lines += ["## Without the KL penalty", "",
-                  "| run | reward-model score | gold reward | KL |", "|---|---|---|---|",
-                  f"| KL penalty on | {_first_last(ppo_rows, 'reward')} | {_first_last(ppo_rows, 'gold_reward')} | "
-                  f"{_first_last(ppo_rows, 'kl')} |",
-                  f"| KL penalty off | {_first_last(rows, 'reward')} | {_first_last(rows, 'gold_reward')} | "
-                  f"{_first_last(rows, 'kl')} |", ""]
+             f"{rmm['final_eval_accuracy']:.1%} |",
+             f"| PPO | gold reward (sampled answers) | {before.gold:.3f} → {after.gold:.3f} |",
+             f"| PPO | reward-model score | {before.reward_model:.3f} → {after.reward_model:.3f} |",
+             f"| PPO | KL to the SFT model (nats per answer) | {before.kl:.3f} → {after.kl:.3f} |", "",
+             "## Reward model and the gold rubric", "",
+             f"On fresh built-in rankings, the reward model orders {rm_gold:.1%} of the gold-ordered answer pairs "
+             f"as the rubric does; the simulated annotators it learned from order {annotator_gold:.1%} of them so "
+             f"(their Krippendorff's alpha with each other: {alpha if alpha is None else round(alpha, 3)}).", "",
+             "## PPO, with and without the KL penalty", "",
+             f"{SAMPLES} answers to each of the same {N_QUESTIONS} new questions per model, sampled at temperature "
+             f"{p.temperature} as in training. Gold reward: 1.5 right / 0.5 wrong, +0.3 polite, -0.3 rude, "
+             "-0.1 padded, 0 for text that is no answer. KL: mean over answers of log pi - log ref.", "",
+             "| model | gold reward | reward-model score | KL | right | polite | rude | padded | not an answer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r.gold:.3f} | {r.reward_model:.3f} | {r.kl:.2f} | {r.right:.0%} | {r.polite:.0%} | "
+              f"{r.rude:.0%} | {r.padded:.0%} | {r.malformed:.0%} |" for name, r in readings.items()]
+    ppo_rows = _metrics(root / "ppo")
+    if p.kl_target is not None:
+        lines += ["", f"Adaptive KL controller: target {p.kl_target} nats per answer; over the last 10 PPO steps the "
+                  f"rollouts' KL averaged {_mean_of_last(ppo_rows, 'kl'):.2f} with coefficient "
+                  f"{_mean_of_last(ppo_rows, 'kl_coef'):.3f}."]
+    lines += ["", "## Curves", ""] + _figures(root)
     text = "\n".join(lines) + "\n"
     (root / "REPORT.md").write_text(text)
     return text

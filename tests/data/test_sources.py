@@ -85,14 +85,3 @@ def test_real_gutenberg_directory_reads_without_bom_or_crlf(tokenizer):
     assert "Pride and Prejudice" in docs[0]  # 1342-0.txt sorts first
     sample = docs[1][100_000:110_000]
     assert tokenizer.decode(tokenizer.encode(sample, add_special_tokens=False)) == sample
-
-
-def test_gold_reward_follows_the_rubric():
-    from llmstack.data.synthetic import gold_reward
-
-    q = "What is two plus three?"
-    assert gold_reward(q, "Two plus three is five.") == 1.5
-    assert gold_reward(q, "Well, let me think about it for a while. Two plus three is five.") == 1.0
-    assert gold_reward(q, "Two plus three is six.") == 0.0
-    assert gold_reward(q, "One plus four is five.") == 0.0
-    assert gold_reward("Who are you?", "Two plus three is five.") == 0.0

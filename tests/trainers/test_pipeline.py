@@ -24,6 +24,7 @@ MINIMAL = ["pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3", "pret
 @pytest.mark.slow
 def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(evidence, "N_QUESTIONS", 4)
+    monkeypatch.setattr(evidence, "SAMPLES", 2)
     cfg = load_config(PipelineConfig, None, [f"output_dir={tmp_path}", *MINIMAL])
     original = MetricsLog.log
 
@@ -55,3 +56,9 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
     assert "pretrain [finished]" in format_lineage(chain)
     report = (tmp_path / "REPORT.md").read_text()
     assert "held-out perplexity" in report and "KL penalty off" in report and "gold reward" in report
+    # the SFT model read against itself: the same weights give log pi - log ref = 0 on every token
+    sft_row = next(line for line in report.splitlines() if line.startswith("| SFT model (before PPO)"))
+    assert sft_row.split("|")[4].strip() == "0.00"
+    for figure in ("training.png", "ppo.png"):
+        assert f"]({figure})" in report
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
