@@ -1,3 +1,4 @@
+import hashlib
 import gzip
 import json
 from pathlib import Path
@@ -85,3 +86,15 @@ def test_real_gutenberg_directory_reads_without_bom_or_crlf(tokenizer):
     assert "Pride and Prejudice" in docs[0]  # 1342-0.txt sorts first
     sample = docs[1][100_000:110_000]
     assert tokenizer.decode(tokenizer.encode(sample, add_special_tokens=False)) == sample
+
+
+def test_changing_one_byte_changes_the_fingerprint(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"The fox sees the owl.\n" * 100)
+    before = describe_source(str(tmp_path))["files"][0]
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 1
+    path.write_bytes(bytes(data))
+    after = describe_source(str(tmp_path))["files"][0]
+    assert before["bytes"] == after["bytes"] and before["sha256"] != after["sha256"]
+    assert after["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
