@@ -7,12 +7,13 @@ import difflib
 import importlib
 import sys
 
-from llmstack.config import (ConfigError, PipelineConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
+from llmstack.config import (ConfigError, CurateConfig, PipelineConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
                              describe, load_config)
 from llmstack.trainers.base import NonFiniteLossError
 
 # stage -> (config class, "module:function" run lazily so `--help` does not import torch-heavy code)
 STAGES = {
+    "curate": (CurateConfig, "llmstack.data.curate:curate"),
     "pretrain": (PretrainConfig, "llmstack.trainers.pretrain:pretrain"),
     "sft": (SFTConfig, "llmstack.trainers.sft:sft"),
     "reward": (RewardConfig, "llmstack.trainers.reward:reward"),

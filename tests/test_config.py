@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llmstack.cli import main as cli_main
-from llmstack.config import (ConfigError, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config,
+from llmstack.config import (ConfigError, CurateConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config,
                              save_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +79,11 @@ def test_saved_config_loads_back_identical(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts),
                          ids=lambda p: p.name)
-def test_shipped_stage_configs_load(path):
-    stage = next(name for name in ("pretrain", "sft", "reward", "ppo") if name in path.name)
-    load_config({"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage], path)
+def test_shipped_stage_configs_load(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # configs name files relative to the repository root
+    stage = next(name for name in ("curate", "pretrain", "sft", "reward", "ppo") if name in path.name)
+    load_config({"curate": CurateConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+                 "ppo": PPOConfig}[stage], path)
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):

@@ -9,12 +9,13 @@ out of range stops the run at start-up with the key, the value and what is allow
 Each field is documented once, in its `help` metadata; `llmstack <stage> --help` prints them all.
 """
 
+from llmstack.config.curate import CurateConfig
 from llmstack.config.loading import ConfigError, describe, load_config, option, save_config, to_dict
 from llmstack.config.schema import (PREVIOUS, ChatDataConfig, DataConfig, LoraConfig, ModelConfig, ModelRef,
                                     PipelineConfig, PPOConfig, PPOSettings, PreferenceDataConfig, PretrainConfig,
                                     PromptDataConfig, RewardConfig, SFTConfig, TrainConfig)
 
-__all__ = ["PREVIOUS", "ChatDataConfig", "ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "ModelRef",
+__all__ = ["PREVIOUS", "ChatDataConfig", "ConfigError", "CurateConfig", "DataConfig", "LoraConfig", "ModelConfig", "ModelRef",
            "PPOConfig", "PPOSettings", "PipelineConfig", "PreferenceDataConfig", "PretrainConfig",
            "PromptDataConfig", "RewardConfig", "SFTConfig", "TrainConfig", "describe", "load_config", "option",
            "save_config", "to_dict"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from llmstack.config.curate import (C4Rule, CurateConfig, CurateDataConfig, GopherQualityRule, GopherRepetitionRule,
+                                    RulesConfig, WordListRule)
 from llmstack.config.loading import ConfigError, option
 
 
@@ -245,6 +248,20 @@ class PPOConfig:
 PREVIOUS = "previous"  # a model path meaning "the previous pipeline stage's model/"
 
 
+def _tiny_curate() -> CurateConfig:
+    """The built-in corpus with planted noise through every document rule, with thresholds for its short
+    stories (as configs/tiny/curate.yaml explains)."""
+    return CurateConfig(
+        data=CurateDataConfig(train="synthetic-noisy:3000"),
+        rules=RulesConfig(order=["language", "c4", "gopher_quality", "gopher_repetition", "wordlist", "exact_dedup",
+                                 "near_dedup", "pii"],
+                          c4=C4Rule(min_sentences=3), gopher_quality=GopherQualityRule(min_words=10, min_stop_words=0),
+                          gopher_repetition=GopherRepetitionRule(top_ngram_chars=[1.0] * 3,
+                                                                 duplicate_ngram_chars=[1.0] * 6),
+                          wordlist=WordListRule(path=str(Path(__file__).parents[1] / "data" / "blocklist.txt"))),
+        audit_samples=3)
+
+
 def _tiny_sft() -> SFTConfig:
     return SFTConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
                      data=ChatDataConfig(train="synthetic:4000", max_length=128),
@@ -272,13 +289,15 @@ def _tiny_ppo() -> PPOConfig:
 
 @dataclass
 class PipelineConfig:
-    """The whole path in one command: pretrain -> SFT -> reward model -> PPO, each stage starting from the
-    previous stage's model ('previous'), each in its own run directory, with a REPORT.md of the evidence."""
+    """The whole path in one command: curate -> pretrain -> SFT -> reward model -> PPO, each stage starting
+    from the previous stage's model or data ('previous'), each in its own run directory, with a REPORT.md of
+    the evidence."""
 
     output_dir: str = option("runs/pipeline", "Pipeline directory; each stage runs in a folder inside it.")
     seed: int = option(0, "Seed given to every stage.", ge=0)
+    curate: CurateConfig = option(default_factory=_tiny_curate)
     pretrain: PretrainConfig = option(default_factory=lambda: PretrainConfig(
-        data=DataConfig(train="synthetic:3000", block_size=128),
+        data=DataConfig(train=PREVIOUS, block_size=128),
         model=ModelConfig(preset="llama-1m", vocab_size=2048),
         train=TrainConfig(max_steps=300, batch_size=16, lr=3e-3, warmup_steps=30)))
     sft: SFTConfig = option(default_factory=_tiny_sft)

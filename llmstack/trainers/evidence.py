@@ -122,6 +122,7 @@ def _figures(root: Path) -> list[str]:
 def write_report(root: Path, cfg) -> str:
     pre, sft, rm = (root / n for n in ("pretrain", "sft", "reward"))
     pm, sm, rmm = _record(pre)["metrics"], _record(sft)["metrics"], _record(rm)["metrics"]
+    cm = _record(root / "curate")["data"]
     questions = synthetic.rl_prompts(N_QUESTIONS, seed=cfg.seed + 104729)
     acc_before, acc_after = answer_accuracy(pre / "model", questions), answer_accuracy(sft / "model", questions)
     rm_gold, annotator_gold = gold_agreement(rm, cfg.seed)
@@ -131,6 +132,8 @@ def write_report(root: Path, cfg) -> str:
     p = cfg.ppo.ppo
     lines = ["# Pipeline report", "", f"Pipeline directory `{root}`; every stage's lineage is in its `record.json`.",
              "", "| stage | measure | before → after |", "|---|---|---|",
+             f"| curate | documents (words) | {cm['documents_in']:,} ({cm['words_in']:,}) → {cm['documents_out']:,} "
+             f"({cm['words_out']:,}) |",
              f"| pretrain | held-out perplexity | {pm['initial_eval_ppl']:.2f} → {pm['final_eval_ppl']:.2f} |",
              f"| SFT | held-out answer loss | {sm['initial_eval_loss']:.3f} → {sm['final_eval_loss']:.3f} |",
              f"| SFT | right answers to {N_QUESTIONS} new questions (greedy) | {acc_before:.1%} → {acc_after:.1%} |",
@@ -139,6 +142,10 @@ def write_report(root: Path, cfg) -> str:
              f"| PPO | gold reward (sampled answers) | {before.gold:.3f} → {after.gold:.3f} |",
              f"| PPO | reward-model score | {before.reward_model:.3f} → {after.reward_model:.3f} |",
              f"| PPO | KL to the SFT model (nats per answer) | {before.kl:.3f} → {after.kl:.3f} |", "",
+             "## Curation", "",
+             "Documents removed, by the first rule (in order) that removed them: "
+             + ", ".join(f"{rule} {n}" for rule, n in cm["removed_by_rule"].items())
+             + ". Reasons and samples: [curate/CURATION.md](curate/CURATION.md).", "",
              "## Reward model and the gold rubric", "",
              f"On fresh built-in rankings, the reward model orders {rm_gold:.1%} of the gold-ordered answer pairs "
              f"as the rubric does; the simulated annotators it learned from order {annotator_gold:.1%} of them so "

@@ -1,7 +1,7 @@
-"""`llmstack pipeline`: pretrain -> SFT -> reward model -> PPO in one directory, then REPORT.md.
+"""`llmstack pipeline`: curate -> pretrain -> SFT -> reward model -> PPO in one directory, then REPORT.md.
 
-Each stage runs in `output_dir/<stage>/` and starts from the previous stage's `model/` wherever its config
-says 'previous'. A finished stage is skipped on a re-run and an interrupted one resumes, because each stage
+Each stage runs in `output_dir/<stage>/` and starts from the previous stage's `model/` (pretraining: the
+curation run's `data/`) wherever its config says 'previous'. A finished stage is skipped on a re-run and an interrupted one resumes, because each stage
 already behaves that way on its own directory. The report reads the stages' records and adds the measures
 only the pipeline can take: answer accuracy before/after SFT, the reward model's agreement with the gold
 rubric, and PPO with the KL penalty switched off.
@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from llmstack.config import PREVIOUS, PipelineConfig
+from llmstack.data.curate import curate
 from llmstack.trainers.base import log
 from llmstack.trainers.evidence import write_report
 from llmstack.trainers.ppo import ppo
@@ -20,7 +21,7 @@ from llmstack.trainers.pretrain import pretrain
 from llmstack.trainers.reward import reward
 from llmstack.trainers.sft import sft
 
-STAGES = (("pretrain", pretrain), ("sft", sft), ("reward", reward), ("ppo", ppo))
+STAGES = (("curate", curate), ("pretrain", pretrain), ("sft", sft), ("reward", reward), ("ppo", ppo))
 # whose model/ a stage's 'previous' means: the reward model and the PPO policy both start from SFT
 PARENT = {"sft": "pretrain", "reward": "sft", "ppo": "sft", "ppo-no-kl": "sft"}
 
@@ -28,6 +29,8 @@ PARENT = {"sft": "pretrain", "reward": "sft", "ppo": "sft", "ppo-no-kl": "sft"}
 def _wired(cfg, root: Path, name: str, seed: int):
     """A stage's config with its run directory, seed and 'previous' model paths filled in."""
     changes = {"output_dir": str(root / name), "seed": seed}
+    if name == "pretrain" and cfg.data.train == PREVIOUS:
+        changes["data"] = dataclasses.replace(cfg.data, train=str(root / "curate" / "data"))
     model = getattr(cfg, "model", None)
     if model is not None and model.name_or_path == PREVIOUS:
         if name not in PARENT:

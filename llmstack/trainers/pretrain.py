@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -106,10 +107,23 @@ def pretrain(cfg: PretrainConfig) -> LoopResult | None:
     def held_out_batches():
         return batching.eval_batches(held_out, train.batch_size, acc.process_index, acc.num_processes)
 
-    record = {"inputs": _inputs(cfg), "parent": find_parent(cfg.model.name_or_path),
-              "data": {**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer)}}
+    parent, curation = _parent(cfg)
+    record = {"inputs": _inputs(cfg), "parent": parent,
+              "data": {**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer), **curation}}
     return run_supervised_stage(run, model, tokenizer, batches, LM_OBJECTIVE, cfg.data.block_size,
                                 held_out_batches, record)
+
+
+def _parent(cfg: PretrainConfig) -> tuple[dict | None, dict]:
+    """The run this one continues: the model's, or for a model trained from scratch the curation run that
+    wrote its data, whose counts then travel into this record (and so into the model card)."""
+    if cfg.model.name_or_path:
+        return find_parent(cfg.model.name_or_path), {}
+    link = find_parent(cfg.data.train)
+    if not link.get("run_dir"):
+        return None, {}
+    data = json.loads((Path(link["run_dir"]) / "record.json").read_text()).get("data", {})
+    return link, ({"curation": data} if link.get("stage") == "curate" else {})
 
 
 def _inputs(cfg: PretrainConfig) -> dict:

@@ -13,7 +13,7 @@ from llmstack.tracking.metrics import MetricsLog
 from llmstack.tracking.record import file_sha256
 from llmstack.trainers.pipeline import pipeline
 
-MINIMAL = ["pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3", "pretrain.data.train=synthetic:200",
+MINIMAL = ["curate.data.train=synthetic-noisy:200", "pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3",
            "pretrain.data.block_size=64", "pretrain.train.eval_batches=2", "sft.train.max_steps=10",
            "sft.train.warmup_steps=2", "sft.data.train=synthetic:100", "sft.sample_prompts=1",
            "reward.train.max_steps=10", "reward.train.warmup_steps=2", "reward.data.train=synthetic:60",
@@ -38,13 +38,15 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
         interrupted = pipeline(cfg)
     assert interrupted.status == "interrupted" and not (tmp_path / "REPORT.md").exists()
     finished_before = {s: (tmp_path / s / "metrics.jsonl").read_text() for s in ("pretrain", "sft", "reward")}
+    finished_before["curate"] = (tmp_path / "curate/curation.json").read_text()
 
     pipeline(cfg)
     for stage, text in finished_before.items():
-        assert (tmp_path / stage / "metrics.jsonl").read_text() == text, f"{stage} was trained again"
+        produced = tmp_path / stage / ("curation.json" if stage == "curate" else "metrics.jsonl")
+        assert produced.read_text() == text, f"{stage} was run again"
     assert [json.loads(x)["step"] for x in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
-    chain = [("sft", "pretrain"), ("reward", "sft"), ("ppo", "sft"), ("ppo-no-kl", "sft")]
+    chain = [("pretrain", "curate"), ("sft", "pretrain"), ("reward", "sft"), ("ppo", "sft"), ("ppo-no-kl", "sft")]
     for child, parent in chain:
         link = json.loads((tmp_path / child / "record.json").read_text())["parent"]
         assert link["run_dir"] == str((tmp_path / parent).resolve())
@@ -52,8 +54,14 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
     ppo_inputs = json.loads((tmp_path / "ppo/record.json").read_text())["inputs"]
     assert ppo_inputs["reward_model"]["record_sha256"] == file_sha256(tmp_path / "reward/record.json")
     chain = lineage(tmp_path / "ppo")
-    assert [r["stage"] for r in chain] == ["ppo", "sft", "pretrain"]
+    assert [r["stage"] for r in chain] == ["ppo", "sft", "pretrain", "curate"]
     assert "pretrain [finished]" in format_lineage(chain)
+    # the pretrained model's card states how its data was filtered: the curation run's own counts
+    removed = json.loads((tmp_path / "curate/curation.json").read_text())
+    pretrain_record = json.loads((tmp_path / "pretrain/record.json").read_text())
+    assert pretrain_record["data"]["curation"] == json.loads((tmp_path / "curate/record.json").read_text())["data"]
+    assert sum(pretrain_record["data"]["curation"]["removed_by_rule"].values()) > 0
+    assert "removed_by_rule" in (tmp_path / "pretrain/MODEL_CARD.md").read_text()
     report = (tmp_path / "REPORT.md").read_text()
     assert "held-out perplexity" in report and "KL penalty off" in report and "gold reward" in report
     # the SFT model read against itself: the same weights give log pi - log ref = 0 on every token
