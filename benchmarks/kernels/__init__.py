@@ -1,0 +1,1 @@
+"""Benchmarks of `llmstack.kernels`: `python -m benchmarks.kernels` (see `run.py`)."""

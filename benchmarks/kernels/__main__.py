@@ -1,0 +1,3 @@
+from benchmarks.kernels.run import main
+
+main()
