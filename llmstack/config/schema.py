@@ -10,6 +10,8 @@ from llmstack.config.curate import (C4Rule, CurateConfig, CurateDataConfig, Goph
                                     RulesConfig, WordListRule)
 from llmstack.config.loading import ConfigError, option
 
+Kernels = Literal["auto", "reference", "fused"]
+
 
 @dataclass
 class ModelConfig:
@@ -87,6 +89,9 @@ class PretrainConfig:
     model: ModelConfig = option(default_factory=ModelConfig)
     data: DataConfig = option(default_factory=DataConfig)
     train: TrainConfig = option(default_factory=TrainConfig)
+    kernels: Kernels = option("auto", "Loss and layer kernels: 'reference' (stock logits + cross-entropy), 'fused' "
+                              "(never the full logits; Triton where it runs) or 'auto' (Triton on CUDA, the chunked "
+                              "torch loss on CPU). Saved weights keep the stock layout either way.")
 
 
 @dataclass
@@ -134,6 +139,9 @@ class SFTConfig:
 
     output_dir: str = option("runs/sft", "Run directory; re-running on it resumes.")
     seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
+    kernels: Kernels = option("auto", "Loss and layer kernels: 'reference' (stock logits + cross-entropy), 'fused' "
+                              "(never the full logits; Triton where it runs) or 'auto' (Triton on CUDA, the chunked "
+                              "torch loss on CPU). Saved weights keep the stock layout either way.")
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
     data: ChatDataConfig = option(default_factory=ChatDataConfig)
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=10, max_steps=200))

@@ -9,22 +9,20 @@ import torch
 
 from llmstack.config import PretrainConfig
 from llmstack.data import batching, sources, text
-from llmstack.losses import causal_lm_loss_sum, count_targets
+from llmstack.losses import count_targets
 from llmstack.models import causal_lm
 from llmstack.trainers.base import log
+from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels
 from llmstack.trainers.run import Run, open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import LoopResult, SupervisedObjective
 from llmstack.tracking.record import find_parent
 
 
-def _lm_loss_sum(model, batch: dict) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    return causal_lm_loss_sum(logits, batch["labels"])
-
-
-LM_OBJECTIVE = SupervisedObjective(loss_sum=_lm_loss_sum, count_targets=lambda b: count_targets(b["labels"]),
-                                   perplexity=True)
+def lm_objective(impl: str) -> SupervisedObjective:
+    return SupervisedObjective(loss_sum=lambda model, batch: lm_loss_sum(model, batch["labels"], impl,
+                                                                         input_ids=batch["input_ids"]),
+                               count_targets=lambda b: count_targets(b["labels"]), perplexity=True)
 
 
 def prepare_tokenizer(cfg: PretrainConfig, run: Run):
@@ -102,6 +100,7 @@ def pretrain(cfg: PretrainConfig) -> LoopResult | None:
     tokenizer = prepare_tokenizer(cfg, run)
     batches, held_out, data_facts = prepare_data(cfg, tokenizer, acc.process_index, acc.num_processes)
     model = prepare_model(cfg, tokenizer)
+    kernels = use_kernels(model, cfg.kernels, acc.device)
     train = cfg.train
 
     def held_out_batches():
@@ -109,8 +108,9 @@ def pretrain(cfg: PretrainConfig) -> LoopResult | None:
 
     parent, curation = _parent(cfg)
     record = {"inputs": _inputs(cfg), "parent": parent,
-              "data": {**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer), **curation}}
-    return run_supervised_stage(run, model, tokenizer, batches, LM_OBJECTIVE, cfg.data.block_size,
+              "data": {**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer), **curation},
+              "kernels": kernels.summary()}
+    return run_supervised_stage(run, model, tokenizer, batches, lm_objective(kernels.loss_impl), cfg.data.block_size,
                                 held_out_batches, record)
 
 

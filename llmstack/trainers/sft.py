@@ -14,9 +14,10 @@ import torch
 from llmstack.config import SFTConfig
 from llmstack.data import batching, chat, sources
 from llmstack.data.text import is_held_out
-from llmstack.losses import causal_lm_loss_sum, count_targets
+from llmstack.losses import count_targets
 from llmstack.models import causal_lm
 from llmstack.trainers.base import log
+from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels
 from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import LoopResult, SupervisedObjective
@@ -28,17 +29,17 @@ def _uses_varlen_attention(model) -> bool:
     return str(getattr(config, "_attn_implementation", "")).startswith("flash_attention")
 
 
-def _sft_loss_sum(model, batch: dict) -> torch.Tensor:
+def _sft_loss_sum(model, batch: dict, impl: str = "reference") -> torch.Tensor:
     # Flash-attention kernels take no dense mask: transformers finds the example boundaries from the
     # restarting position ids and runs the varlen kernel (CUDA only; the mask path is the tested one).
     mask = None if _uses_varlen_attention(model) else chat.block_causal_mask(batch["segment_ids"])
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                   use_cache=False).logits
-    return causal_lm_loss_sum(logits, batch["labels"])
+    return lm_loss_sum(model, batch["labels"], impl, input_ids=batch["input_ids"],
+                       position_ids=batch["position_ids"], attention_mask=mask)
 
 
-SFT_OBJECTIVE = SupervisedObjective(loss_sum=_sft_loss_sum, count_targets=lambda b: count_targets(b["labels"]),
-                                    perplexity=True)
+def sft_objective(impl: str) -> SupervisedObjective:
+    return SupervisedObjective(loss_sum=lambda model, batch: _sft_loss_sum(model, batch, impl),
+                               count_targets=lambda b: count_targets(b["labels"]), perplexity=True)
 
 
 def load_conversations(cfg: SFTConfig) -> tuple[list, list]:
@@ -127,6 +128,7 @@ def sft(cfg: SFTConfig) -> LoopResult | None:
     model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code, cfg.lora.load_in_4bit)
     causal_lm.check_vocab(model, tokenizer)
     model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing)
+    kernels = use_kernels(model, cfg.kernels, acc.device)
 
     def held_out():
         return batching.eval_batches(held_rows, cfg.train.batch_size, acc.process_index, acc.num_processes)
@@ -135,8 +137,9 @@ def sft(cfg: SFTConfig) -> LoopResult | None:
                          **({"eval": sources.describe_source(d.eval)} if d.eval else {})},
               "parent": find_parent(m.name_or_path),
               "data": {"train": train_rows.stats, "held_out": held_rows.stats if held_rows else None,
-                       "chat_template": "llmstack default" if template_added else "the tokenizer's own"}}
+                       "chat_template": "llmstack default" if template_added else "the tokenizer's own"},
+              "kernels": kernels.summary()}
     samples = sample_writer(run, tokenizer, held_conv, cfg.sample_prompts, cfg.sample_max_new_tokens)
-    return run_supervised_stage(run, model, tokenizer, batches, SFT_OBJECTIVE, d.max_length,
+    return run_supervised_stage(run, model, tokenizer, batches, sft_objective(kernels.loss_impl), d.max_length,
                                 held_out if held_rows else None, record, after_eval=samples,
                                 merge_adapters=cfg.lora.enabled and cfg.lora.merge)
