@@ -231,6 +231,9 @@ class PPOConfig:
 
     output_dir: str = option("runs/ppo", "Run directory; re-running on it resumes.")
     seed: int = option(0, "Seed for sampling, minibatch order and prompt order.", ge=0)
+    kernels: Kernels = option("auto", "Loss and layer kernels: 'reference' (stock logits + cross-entropy), 'fused' "
+                              "(never the full logits; Triton where it runs) or 'auto' (Triton on CUDA, the chunked "
+                              "torch loss on CPU). Saved weights keep the stock layout either way.")
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
                                 help="The SFT policy; also the frozen reference.")
     reward_model: ModelRef = option(default_factory=ModelRef, help="The reward stage's model/.")

@@ -14,6 +14,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from llmstack.kernels import final_hidden_states, lm_head_params
+from llmstack.kernels.linear_logprobs import linear_logprobs
+
 
 class Generator(Protocol):
     def __call__(self, model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor) -> torch.Tensor:
@@ -57,12 +60,20 @@ def join(prompt_ids_BP, prompt_mask_BP, response_ids_BR, response_mask_BR):
 
 
 def response_logprobs(model, prompt_ids_BP, prompt_mask_BP, response_ids_BR, response_mask_BR,
-                      temperature: float, with_entropy: bool = False):
+                      temperature: float, with_entropy: bool = False, impl: str = "reference"):
     """log p(response token) [B, R] under `model` at the sampling temperature (and the entropy [B, R] of
-    each next-token distribution when asked), computed in fp32."""
+    each next-token distribution when asked), computed in fp32. `impl` other than 'reference' computes them
+    from the last hidden states and the head weight in chunks (llmstack.kernels.linear_logprobs), never
+    holding the [B, R, V] logits."""
     ids, mask, positions = join(prompt_ids_BP, prompt_mask_BP, response_ids_BR, response_mask_BR)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     start = prompt_ids_BP.shape[1] - 1
+    if impl != "reference":
+        hidden = final_hidden_states(model, input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     use_cache=False)[:, start:start + response_ids_BR.shape[1]]
+        weight, bias = lm_head_params(model)
+        return linear_logprobs(hidden, weight, response_ids_BR, bias, temperature=temperature,
+                               with_entropy=with_entropy, impl=impl)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     logits = logits[:, start:start + response_ids_BR.shape[1]].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, response_ids_BR.unsqueeze(-1)).squeeze(-1)

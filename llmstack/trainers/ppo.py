@@ -24,12 +24,13 @@ from llmstack.data import batching, synthetic
 from llmstack.data.sources import iter_records, synthetic_count
 from llmstack.data.chat import ensure_chat_template
 from llmstack.data.text import pack_corpus
-from llmstack.losses import causal_lm_loss_sum, count_targets, ppo_policy_loss_sum, value_loss_sum
+from llmstack.losses import count_targets, ppo_policy_loss_sum, value_loss_sum
 from llmstack.models import causal_lm
 from llmstack.rl.advantages import RunningMoments, gae, masked_mean_var, token_rewards, whiten
 from llmstack.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from llmstack.rl.rollout import HFGenerator, response_logprobs, response_mask, response_values
 from llmstack.trainers.base import NonFiniteLossError, StopOnSignal, build_optimizer, build_scheduler, log
+from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels
 from llmstack.trainers.reward import load_reward_model, sequence_scores
 from llmstack.trainers.run import close_run, open_run, resume
 from llmstack.trainers.supervised import LoopResult, LoopState
@@ -127,12 +128,12 @@ def generate(acc, policy, prompts: dict, generator: HFGenerator) -> Experience:
 
 @torch.no_grad()
 def score(acc, exp: Experience, policy, reference, reward_model, value, kl_coef: float, cfg: PPOConfig,
-          moments: RunningMoments) -> Experience:
+          moments: RunningMoments, impl: str = "reference") -> Experience:
     """Fill in everything the update needs: old and reference log-probabilities, values, scores, per-token
     rewards, advantages and returns."""
     p = cfg.ppo
-    exp.logp, _ = response_logprobs(policy, *exp.response_args(), p.temperature)
-    exp.ref_logp, _ = response_logprobs(reference, *exp.response_args(), p.temperature)
+    exp.logp, _ = response_logprobs(policy, *exp.response_args(), p.temperature, impl=impl)
+    exp.ref_logp, _ = response_logprobs(reference, *exp.response_args(), p.temperature, impl=impl)
     exp.values = response_values(value, *exp.response_args()) * exp.mask
     ids = torch.cat([exp.prompt_ids, exp.response_ids], 1)
     attention = torch.cat([exp.prompt_mask, exp.mask], 1)
@@ -158,17 +159,17 @@ def score(acc, exp: Experience, policy, reference, reward_model, value, kl_coef:
     return exp
 
 
-def ptx_loss(acc, policy, ptx_batches, coef: float) -> torch.Tensor:
+def ptx_loss(acc, policy, ptx_batches, coef: float, impl: str = "reference") -> torch.Tensor:
     """Backpropagate coef x the global token-mean next-token loss of one pretraining batch; return the loss."""
     batch = {k: v.to(acc.device) for k, v in next(ptx_batches).items()}
     n_tokens = acc.reduce(torch.tensor(float(count_targets(batch["labels"])), device=acc.device), "sum").clamp(min=1)
-    loss_sum = causal_lm_loss_sum(policy(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
+    loss_sum = lm_loss_sum(policy, batch["labels"], impl, input_ids=batch["input_ids"])
     acc.backward(coef * loss_sum * acc.num_processes / n_tokens)
     return acc.reduce(loss_sum.detach().double(), "sum") / n_tokens
 
 
 def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef: float, cfg: PPOConfig,
-           step: int, ptx_batches=None) -> dict:
+           step: int, ptx_batches=None, impl: str = "reference") -> dict:
     """`ppo.epochs` passes over the rollout in shuffled minibatches of `train.batch_size`; with PPO-ptx each
     minibatch's policy gradient also gets `ppo.ptx_coef` times a pretraining batch's loss gradient."""
     p, train = cfg.ppo, cfg.train
@@ -183,7 +184,8 @@ def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef:
             n_tokens = acc.reduce(mask.sum().double(), "sum").clamp(min=1)
             # DDP averages gradients over processes; scaling by N / global tokens makes it a global token mean
             scale = acc.num_processes / n_tokens
-            logp, entropy = response_logprobs(policy, *exp.response_args(idx), p.temperature, with_entropy=True)
+            logp, entropy = response_logprobs(policy, *exp.response_args(idx), p.temperature, with_entropy=True,
+                                              impl=impl)
             policy_loss, stats = ppo_policy_loss_sum(logp, exp.logp[idx], exp.advantages[idx], mask, p.clip)
             if p.kl_in == "loss":
                 policy_loss = policy_loss + kl_coef * (KL_ESTIMATORS[p.kl_estimator](logp, exp.ref_logp[idx]) * mask).sum()
@@ -196,7 +198,7 @@ def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef:
             acc.backward(policy_loss * scale)
             acc.backward(v_loss * scale)
             if ptx_batches is not None:
-                ptx_total += float(ptx_loss(acc, policy, ptx_batches, p.ptx_coef))
+                ptx_total += float(ptx_loss(acc, policy, ptx_batches, p.ptx_coef, impl))
                 ptx_count += 1
             for model, optimizer in zip((policy, value), optimizers):
                 if train.max_grad_norm > 0:
@@ -258,6 +260,7 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
     prompt_rows, conversations = load_prompts(cfg, tokenizer)
     prompts = batching.ShuffledBatches(prompt_rows, p.rollout_batch, acc.process_index, acc.num_processes, cfg.seed)
     policy, reference, reward_model, value = build_models(cfg, tokenizer)
+    kernels = [use_kernels(m, cfg.kernels, acc.device) for m in (policy, reference)][0]
     optimizers = [build_optimizer(policy, train.lr, train.adam_betas, train.weight_decay),
                   build_optimizer(value, p.value_lr, train.adam_betas, train.weight_decay)]
     schedulers = [build_scheduler(o, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
@@ -290,7 +293,8 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
     if run.record is not None:
         run.record.update(parent=find_parent(cfg.model.name_or_path), inputs={"prompts": {"spec": cfg.data.train},
                           "reward_model": find_parent(cfg.reward_model.name_or_path)},
-                          data={"prompts": len(prompt_rows)}, resumed_from_step=state.step or None)
+                          data={"prompts": len(prompt_rows)}, resumed_from_step=state.step or None,
+                          kernels=kernels.summary())
         run.record.save()
     log.info(f"ppo: {len(prompt_rows)} prompts; {p.rollout_batch} per process x {acc.num_processes} processes "
              f"per step, {p.epochs} epochs of minibatches of {train.batch_size}")
@@ -300,9 +304,10 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
             timer = time.perf_counter()
             exp = generate(acc, policy, next(batches), generator)
             t_gen = time.perf_counter()
-            exp = score(acc, exp, policy, reference, reward_model, value, kl_ctl.coef, cfg, moments)
+            exp = score(acc, exp, policy, reference, reward_model, value, kl_ctl.coef, cfg, moments, kernels.loss_impl)
             t_score = time.perf_counter()
-            stats = update(acc, exp, policy, value, optimizers, schedulers, kl_ctl.coef, cfg, state.step, ptx_batches)
+            stats = update(acc, exp, policy, value, optimizers, schedulers, kl_ctl.coef, cfg, state.step, ptx_batches,
+                           kernels.loss_impl)
             t_update = time.perf_counter()
             metrics = rollout_metrics(acc, exp, conversations, kl_ctl.coef, tokenizer, gold)
             kl_ctl.update(metrics["kl"], p.rollout_batch * acc.num_processes)

@@ -115,3 +115,28 @@ def test_ptx_without_data_is_refused(models):
 
     with pytest.raises(ConfigError, match="'ppo.ptx_coef' > 0 needs 'data.ptx'"):
         load_config(PPOConfig, None, ["model.name_or_path=a", "reward_model.name_or_path=b", "ppo.ptx_coef=1"])
+
+
+def test_fused_logprobs_match_the_stock_logits_on_left_padded_rollouts(tmp_path, models):
+    """PPO's log-probabilities and entropies from hidden states in chunks (kernels=auto on CPU) against the
+    stock full-logits path: values and the gradient they send into the model."""
+    policy_path, _, tokenizer = models
+    questions = ["What is two plus three?", "The owl asks: what is two plus three, and what is one plus one?",
+                 "Sum?", "What is nine minus four?"] * 2
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    rows, _ = load_prompts(config(tmp_path, models, "x", f"data.train={tmp_path / 'prompts.jsonl'}"), tokenizer)
+    assert (rows.attention_mask == 0).any(-1).sum() == 6, "six of the eight prompts are left-padded"
+    policy = load_causal_lm(str(policy_path))
+    gen = HFGenerator(8, 0.7, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    exp = generate(Accelerator(cpu=True), policy, rows.rows(torch.arange(8)), gen)
+    out = {}
+    for impl in ("reference", "chunked"):
+        policy.zero_grad()
+        logp, entropy = response_logprobs(policy, *exp.response_args(), 0.7, with_entropy=True, impl=impl)
+        ((logp + 0.1 * entropy) * exp.mask).sum().backward()
+        out[impl] = logp, entropy, {n: p.grad.clone() for n, p in policy.named_parameters()}
+    torch.testing.assert_close(out["chunked"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["chunked"][1], out["reference"][1], rtol=1e-5, atol=1e-5)
+    for name, grad in out["reference"][2].items():
+        torch.testing.assert_close(out["chunked"][2][name], grad, rtol=1e-4, atol=1e-5)  # fp32 sums, other order
