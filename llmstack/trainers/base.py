@@ -29,7 +29,8 @@ class NonFiniteLossError(RuntimeError):
 # Accelerator and the start-of-run report
 
 
-def make_accelerator(precision: str, grad_accum: int, trackers: list[str], project_dir: str) -> Accelerator:
+def make_accelerator(precision: str, grad_accum: int, trackers: list[str], project_dir: str,
+                     micro_batch: int | None = None, max_grad_norm: float = 0.0) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision=fp16 needs a CUDA device (it relies on loss scaling); "
                          "use train.precision=bf16 or fp32 on CPU")
@@ -45,12 +46,26 @@ def make_accelerator(precision: str, grad_accum: int, trackers: list[str], proje
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched > 1 and not torch.cuda.is_available() else []
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
                       log_with=trackers or None, project_dir=project_dir, kwargs_handlers=handlers)
+    if acc.state.deepspeed_plugin is not None:
+        _fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, micro_batch, grad_accum, max_grad_norm)
     if launched > 1 and (acc.num_processes != launched or acc.distributed_type == DistributedType.NO):
         raise RuntimeError(
             f"the launcher started {launched} processes but accelerate set up {acc.num_processes} "
             f"({acc.distributed_type.value}): each would train alone. On CPU launch with "
             "`ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/cpu-2proc.yaml ...`")
     return acc
+
+
+def _fill_deepspeed_config(ds: dict, micro_batch: int | None, grad_accum: int, max_grad_norm: float) -> None:
+    """llmstack's own batch, accumulation and clipping settings are the run's; DeepSpeed reads them from its
+    config, and its engine clips (accelerate's clip_grad_norm_ only reports the norm under DeepSpeed). The
+    optimiser is llmstack's AdamW, which DeepSpeed must be told to accept under ZeRO."""
+    if micro_batch is not None:
+        ds["train_micro_batch_size_per_gpu"] = micro_batch
+        ds.pop("train_batch_size", None)
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["gradient_clipping"] = max_grad_norm
+    ds["zero_allow_untested_optimizer"] = True
 
 
 def describe_world(accelerator: Accelerator) -> str:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 
 from llmstack.config import PPOConfig
 from llmstack.data import batching, synthetic
@@ -255,6 +256,10 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
     if run.finished:
         return None
     acc, p, train = run.accelerator, cfg.ppo, cfg.train
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate binds one DeepSpeed engine to one Accelerator; the policy and value need one each
+        raise RuntimeError("ppo: DeepSpeed is not supported for PPO yet (it trains two models, policy and value); "
+                           "launch it with DDP (configs/accelerate/cpu-2proc.yaml on CPU, --multi_gpu on GPUs)")
     tokenizer = causal_lm.load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     ensure_chat_template(tokenizer)
     prompt_rows, conversations = load_prompts(cfg, tokenizer)

@@ -42,7 +42,7 @@ def open_run(cfg, stage: str) -> Run:
     train = cfg.train
     trackers = tracker_names(train.report_to)
     out = Path(cfg.output_dir)
-    acc = make_accelerator(train.precision, train.grad_accum, trackers, str(out))
+    acc = make_accelerator(train.precision, train.grad_accum, trackers, str(out), train.batch_size, train.max_grad_norm)
     setup_logging(acc.is_main_process)
     log.info(f"{stage}: {describe_world(acc)}")
     checkpointer = Checkpointer(out, acc, train.keep_last)
