@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from llmstack.kernels.linear_cross_entropy import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "causal_lm_loss_sum", "count_targets", "ppo_policy_loss_sum", "ranking_loss_sum",
+           "value_loss_sum"]
 
 
 def causal_lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from llmstack.kernels import backend
 
-IGNORE_INDEX = -100  # the same value as llmstack.losses.IGNORE_INDEX (kernels sit below losses)
+IGNORE_INDEX = -100  # llmstack.losses takes it from here (kernels sit below losses)
 
 LOGITS_CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_ROWS = 1024
