@@ -1,16 +1,9 @@
-"""Kernel tests run the Triton kernels on CPU through Triton's interpreter.
-
-The interpreter only takes effect for kernels defined after TRITON_INTERPRET=1 is set. llmstack defines its
-kernels lazily, at the first Triton call, and pytest imports this file while collecting, before any test
-runs, so setting the variable here covers the whole suite in one process. If the kernels were nevertheless
-defined earlier in compiled mode, or triton is not installed, the Triton tests skip and say why.
+"""Kernel tests run the Triton kernels on CPU through Triton's interpreter, which tests/conftest.py switches
+on before anything is imported. If the kernels were nevertheless defined in compiled mode, or triton is not
+installed, the Triton tests skip and say why.
 """
 
-import os
-
 import pytest
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -26,4 +26,6 @@ if dist.get_rank() == 0:
               "max_abs_diff_across_ranks": max((g - gathered[0]).abs().max().item() for g in gathered)}
     with open(f"{out}/ranks.json", "w") as fh:
         json.dump(report, fh)
+# both ranks leave together: a rank tearing down gloo while its peer still writes can abort the peer
+dist.barrier()
 dist.destroy_process_group()
