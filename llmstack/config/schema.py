@@ -239,6 +239,8 @@ class PPOConfig:
     reward_model: ModelRef = option(default_factory=ModelRef, help="The reward stage's model/.")
     value_model: ModelRef = option(default_factory=ModelRef, help="Initial value model; default: the reward "
                                    "model.")
+    lora: LoraConfig = option(default_factory=LoraConfig, help="LoRA on the policy; the reference is then the "
+                              "policy with its adapter disabled (no second copy).")
     data: PromptDataConfig = option(default_factory=PromptDataConfig)
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, max_steps=100,
                                                                     batch_size=8, schedule="constant",

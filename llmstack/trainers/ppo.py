@@ -34,6 +34,7 @@ from llmstack.trainers.base import NonFiniteLossError, StopOnSignal, build_optim
 from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels
 from llmstack.trainers.reward import load_reward_model, sequence_scores
 from llmstack.trainers.run import close_run, open_run, resume
+from llmstack.trainers.sft import apply_lora
 from llmstack.trainers.supervised import LoopResult, LoopState
 from llmstack.tracking.progress import Progress
 from llmstack.tracking.record import find_parent
@@ -86,12 +87,16 @@ def _no_dropout(model):
 def build_models(cfg: PPOConfig, tokenizer):
     m = cfg.model
     policy = _no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code))
-    reference = _no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)).eval()
+    # Under LoRA the reference is the policy with its adapter switched off: no second copy of the weights
+    reference = None if cfg.lora.enabled else \
+        _no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)).eval()
+    policy = apply_lora(policy, cfg.lora, gradient_checkpointing=False)
     reward_model = _no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed)).eval()
     value_path = cfg.value_model.name_or_path or cfg.reward_model.name_or_path
     value = _no_dropout(load_reward_model(value_path, tokenizer, cfg.seed))
     for frozen in (reference, reward_model):
-        frozen.requires_grad_(False)
+        if frozen is not None:
+            frozen.requires_grad_(False)
     return policy, reference, reward_model, value
 
 
@@ -134,7 +139,11 @@ def score(acc, exp: Experience, policy, reference, reward_model, value, kl_coef:
     rewards, advantages and returns."""
     p = cfg.ppo
     exp.logp, _ = response_logprobs(policy, *exp.response_args(), p.temperature, impl=impl)
-    exp.ref_logp, _ = response_logprobs(reference, *exp.response_args(), p.temperature, impl=impl)
+    if reference is None:
+        with acc.unwrap_model(policy).disable_adapter():
+            exp.ref_logp, _ = response_logprobs(policy, *exp.response_args(), p.temperature, impl=impl)
+    else:
+        exp.ref_logp, _ = response_logprobs(reference, *exp.response_args(), p.temperature, impl=impl)
     exp.values = response_values(value, *exp.response_args()) * exp.mask
     ids = torch.cat([exp.prompt_ids, exp.response_ids], 1)
     attention = torch.cat([exp.prompt_mask, exp.mask], 1)
@@ -265,13 +274,14 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
     prompt_rows, conversations = load_prompts(cfg, tokenizer)
     prompts = batching.ShuffledBatches(prompt_rows, p.rollout_batch, acc.process_index, acc.num_processes, cfg.seed)
     policy, reference, reward_model, value = build_models(cfg, tokenizer)
-    kernels = [use_kernels(m, cfg.kernels, acc.device) for m in (policy, reference)][0]
+    kernels = [use_kernels(m, cfg.kernels, acc.device) for m in (policy, reference) if m is not None][0]
     optimizers = [build_optimizer(policy, train.lr, train.adam_betas, train.weight_decay),
                   build_optimizer(value, p.value_lr, train.adam_betas, train.weight_decay)]
     schedulers = [build_scheduler(o, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
                   for o in optimizers]
     policy, value, *optimizers = acc.prepare(policy, value, *optimizers)
-    reference, reward_model = reference.to(acc.device), reward_model.to(acc.device)
+    reference = reference.to(acc.device) if reference is not None else None
+    reward_model = reward_model.to(acc.device)
     kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else FixedKLController(p.kl_coef))
     moments = RunningMoments()
@@ -338,6 +348,7 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
         causal_lm.save_model(acc.unwrap_model(value), tokenizer, run.dir / "value_model")
     summary = {"steps": state.step, **{f"final_{k}": v for k, v in state.last_eval.items()},
                "final_kl_coef": kl_ctl.coef}
-    result.model = close_run(run, policy, tokenizer, result.status, summary)
+    result.model = close_run(run, policy, tokenizer, result.status, summary,
+                             merge_adapters=cfg.lora.enabled and cfg.lora.merge)
     return result
 

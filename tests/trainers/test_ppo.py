@@ -140,3 +140,18 @@ def test_fused_logprobs_match_the_stock_logits_on_left_padded_rollouts(tmp_path,
     torch.testing.assert_close(out["chunked"][1], out["reference"][1], rtol=1e-5, atol=1e-5)
     for name, grad in out["reference"][2].items():
         torch.testing.assert_close(out["chunked"][2][name], grad, rtol=1e-4, atol=1e-5)  # fp32 sums, other order
+
+
+def test_lora_policy_uses_its_base_model_as_the_reference(tmp_path, models):
+    """With LoRA the reference is the policy with the adapter disabled: at the first rollout (adapter B = 0)
+    policy and reference are the same function, so the KL is exactly 0; after an update it is not, which
+    it could not be if the 'reference' followed the adapter. The saved model is merged and loads plainly."""
+    result = ppo(config(tmp_path, models, "lora", "lora.enabled=true", "lora.r=4", "train.max_steps=3",
+                        "train.log_every=1", "ppo.kl_coef=0.1"))
+    rows = [json.loads(x) for x in (tmp_path / "lora/metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] != 0.0
+    merged = load_causal_lm(str(tmp_path / "lora/model"))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = load_causal_lm(str(models[0]))
+    assert any(not torch.equal(a, b) for a, b in zip(merged.parameters(), base.parameters()))
+    assert result.status == "finished"
