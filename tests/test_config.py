@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from llmstack.cli import main as cli_main
-from llmstack.config import (ConfigError, CurateConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config,
-                             save_config)
+from llmstack.config import (ConfigError, CurateConfig, PipelineConfig, PPOConfig, PretrainConfig, RewardConfig,
+                             SFTConfig, load_config, save_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +108,12 @@ def test_partial_section_override_keeps_the_stage_defaults():
 def test_sections_left_at_their_defaults_are_validated_too():
     with pytest.raises(ConfigError, match="set 'model.name_or_path'"):
         load_config(SFTConfig)
+
+
+def test_a_key_one_section_too_high_is_pointed_to_its_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'sft\.max_steps'.*Did you mean 'sft\.train\.max_steps'"):
+        load_config(PipelineConfig, None, ["sft.max_steps=300"])
+    # ambiguous (model, reward_model and value_model all have one): no guess
+    with pytest.raises(ConfigError) as err:
+        load_config(PipelineConfig, None, ["ppo.name_or_path=x"])
+    assert "Did you mean" not in str(err.value)

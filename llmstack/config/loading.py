@@ -76,6 +76,13 @@ def _nest(parts: list[str], value: Any) -> dict:
     return out
 
 
+def _one_level_down(cls: type, hints: dict, key: str, prefix: str) -> list[str]:
+    """`sft.max_steps` for `sft.train.max_steps`: the key exists in exactly one section just below."""
+    found = [f"{prefix}{f.name}.{key}" for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])
+             and key in {g.name for g in dataclasses.fields(hints[f.name])}]
+    return found if len(found) == 1 else []
+
+
 def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -83,7 +90,7 @@ def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
         dotted = f"{prefix}{key}"
         if key not in names:
             known = [f"{prefix}{n}" for n in names]
-            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6) or _one_level_down(cls, hints, key, prefix)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             where = f"'{prefix[:-1]}'" if prefix else "the top level"
             raise ConfigError(f"unknown config key '{dotted}' in {source}.{hint} "
