@@ -13,6 +13,12 @@ from llmstack.config.loading import ConfigError, option
 Kernels = Literal["auto", "reference", "fused"]
 
 
+def _kernels_option():
+    return option("auto", "Loss and layer kernels: 'reference' (stock logits + cross-entropy), 'fused' (never the "
+                  "full logits; Triton where it runs) or 'auto' (Triton on CUDA, the chunked torch loss on CPU). "
+                  "Saved weights keep the stock layout either way.")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str | None = option(None, "Hugging Face Hub name or local directory of a causal LM to load.")
@@ -89,9 +95,7 @@ class PretrainConfig:
     model: ModelConfig = option(default_factory=ModelConfig)
     data: DataConfig = option(default_factory=DataConfig)
     train: TrainConfig = option(default_factory=TrainConfig)
-    kernels: Kernels = option("auto", "Loss and layer kernels: 'reference' (stock logits + cross-entropy), 'fused' "
-                              "(never the full logits; Triton where it runs) or 'auto' (Triton on CUDA, the chunked "
-                              "torch loss on CPU). Saved weights keep the stock layout either way.")
+    kernels: Kernels = _kernels_option()
 
 
 @dataclass
@@ -139,9 +143,7 @@ class SFTConfig:
 
     output_dir: str = option("runs/sft", "Run directory; re-running on it resumes.")
     seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
-    kernels: Kernels = option("auto", "Loss and layer kernels: 'reference' (stock logits + cross-entropy), 'fused' "
-                              "(never the full logits; Triton where it runs) or 'auto' (Triton on CUDA, the chunked "
-                              "torch loss on CPU). Saved weights keep the stock layout either way.")
+    kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
     data: ChatDataConfig = option(default_factory=ChatDataConfig)
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=10, max_steps=200))
@@ -231,9 +233,7 @@ class PPOConfig:
 
     output_dir: str = option("runs/ppo", "Run directory; re-running on it resumes.")
     seed: int = option(0, "Seed for sampling, minibatch order and prompt order.", ge=0)
-    kernels: Kernels = option("auto", "Loss and layer kernels: 'reference' (stock logits + cross-entropy), 'fused' "
-                              "(never the full logits; Triton where it runs) or 'auto' (Triton on CUDA, the chunked "
-                              "torch loss on CPU). Saved weights keep the stock layout either way.")
+    kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
                                 help="The SFT policy; also the frozen reference.")
     reward_model: ModelRef = option(default_factory=ModelRef, help="The reward stage's model/.")
