@@ -14,11 +14,11 @@ Shape legend: B rollout sequences on this process, P prompt tokens, R response t
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import DistributedType
 
 from llmstack.config import PPOConfig
 from llmstack.data import batching, synthetic
@@ -261,14 +261,15 @@ def write_samples(run, exp: Experience, conversations, tokenizer, step: int, n: 
 
 def ppo(cfg: PPOConfig) -> LoopResult | None:
     """Train (or resume) a policy with PPO; returns None when the run directory was already finished."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        # accelerate binds one DeepSpeed engine to one Accelerator; the policy and value need one each.
+        # Refused before the run directory is touched, so nothing is left half-started.
+        raise RuntimeError("ppo: DeepSpeed is not supported for PPO yet (it trains two models, policy and value); "
+                           "launch it with DDP (configs/accelerate/cpu-2proc.yaml on CPU, --multi_gpu on GPUs)")
     run = open_run(cfg, "ppo")
     if run.finished:
         return None
     acc, p, train = run.accelerator, cfg.ppo, cfg.train
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        # accelerate binds one DeepSpeed engine to one Accelerator; the policy and value need one each
-        raise RuntimeError("ppo: DeepSpeed is not supported for PPO yet (it trains two models, policy and value); "
-                           "launch it with DDP (configs/accelerate/cpu-2proc.yaml on CPU, --multi_gpu on GPUs)")
     tokenizer = causal_lm.load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     ensure_chat_template(tokenizer)
     prompt_rows, conversations = load_prompts(cfg, tokenizer)

@@ -155,3 +155,10 @@ def test_lora_policy_uses_its_base_model_as_the_reference(tmp_path, models):
     base = load_causal_lm(str(models[0]))
     assert any(not torch.equal(a, b) for a, b in zip(merged.parameters(), base.parameters()))
     assert result.status == "finished"
+
+
+def test_deepspeed_launch_is_refused_before_the_run_directory_exists(tmp_path, models, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match="DeepSpeed is not supported for PPO yet.*launch it with DDP"):
+        ppo(config(tmp_path, models, "ds"))
+    assert not (tmp_path / "ds").exists()
