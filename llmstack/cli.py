@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import logging
+import os
 import sys
+from typing import NoReturn
 
 from llmstack.config import (ConfigError, CurateConfig, PipelineConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
                              describe, load_config)
@@ -64,6 +67,18 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int) -> NoReturn:
+    """Leave with `code`. A rank of a multi-process run leaves without interpreter teardown: a background
+    thread of the distributed stack is now and then still joinable there, and C++ then aborts the process
+    (SIGABRT, "terminate called without an active exception") after a run that finished and saved."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -87,4 +102,4 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"llmstack: unknown stage {stage!r}.{hint} Stages: {', '.join(STAGES)}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run_stage(stage, argv[1:]))
+    exit_process(run_stage(stage, argv[1:]))

@@ -4,9 +4,7 @@
     accelerate launch --config_file configs/accelerate/<setup>.yaml recipes/pretrain.py --config ...
 """
 
-import sys
-
-from llmstack.cli import run_stage
+from llmstack.cli import exit_process, run_stage
 
 
 def main(argv=None) -> int:
@@ -14,4 +12,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from llmstack.cli import STAGES
+from llmstack.cli import STAGES, exit_process
 from llmstack.config import load_config
 
 stage, out, *overrides = sys.argv[1:]
@@ -29,3 +29,4 @@ if dist.get_rank() == 0:
 # both ranks leave together: a rank tearing down gloo while its peer still writes can abort the peer
 dist.barrier()
 dist.destroy_process_group()
+exit_process(0)
