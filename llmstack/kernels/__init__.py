@@ -13,9 +13,9 @@ Importing this package defines the ops and nothing else: Triton's kernels are de
 path is first used (see `backend`).
 """
 
-from llmstack.kernels.apply import (KernelHandle, apply_kernels, final_hidden_states, lm_head_params,
-                                    remove_kernels)
+from llmstack.kernels.apply import (KernelHandle, apply_head, apply_kernels, final_hidden_states, lm_head_params,
+                                    remove_kernels, through_head)
 from llmstack.kernels.linear_cross_entropy import IGNORE_INDEX, causal_linear_cross_entropy
 
-__all__ = ["IGNORE_INDEX", "KernelHandle", "apply_kernels", "causal_linear_cross_entropy", "final_hidden_states",
-           "lm_head_params", "remove_kernels"]
+__all__ = ["IGNORE_INDEX", "KernelHandle", "apply_head", "apply_kernels", "causal_linear_cross_entropy", "final_hidden_states",
+           "lm_head_params", "remove_kernels", "through_head"]

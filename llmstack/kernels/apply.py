@@ -185,9 +185,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def lm_head_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the output embedding. With tied embeddings this *is* the input
-    embedding's Parameter, so the fused loss's weight gradient lands on the shared tensor as usual."""
+def _output_embedding(model: nn.Module) -> nn.Module:
     head = unwrap(model).get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(unwrap(model)).__name__} has no output embedding with a weight; the fused "
@@ -195,7 +193,48 @@ def lm_head_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     if hasattr(head, "base_layer"):
         raise ValueError("the LM head is wrapped by an adapter (peft); the fused losses would ignore the "
                          "adapter: leave lm_head out of lora.target_modules or use kernels=reference")
+    return head
+
+
+def _weight_and_bias(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
+
+
+def lm_head_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the output embedding. With tied embeddings this *is* the input
+    embedding's Parameter, so the fused loss's weight gradient lands on the shared tensor as usual."""
+    return _weight_and_bias(_output_embedding(model))
+
+
+def apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`head(hidden)` for a linear head applied outside its model's forward (a reward or value score at
+    chosen positions). Under FSDP2 a forward without gradients leaves the root's parameters resharded, so
+    the head's shards are gathered for this one product; elsewhere it is the module's own call."""
+    if hasattr(head.weight, "full_tensor"):
+        weight = head.weight.full_tensor()
+        bias = head.bias.full_tensor() if isinstance(getattr(head, "bias", None), torch.Tensor) else None
+        return torch.nn.functional.linear(hidden, weight, bias)
+    return head(hidden)
+
+
+def through_head(model: nn.Module, fn, *args):
+    """`fn(weight, bias, *args)` with the output embedding's (weight, bias), run as that module's forward.
+
+    Engines that shard parameters act through hooks on the module that owns them: DeepSpeed ZeRO-3 gathers
+    the head's weight before the head's forward and again before its backward, and releases it after. A
+    fused loss that read the weight outside such a call would see an empty shard. FSDP2 keeps the root's
+    parameters (the head's among them) gathered from a training forward through its backward, but reshards
+    them after a forward without gradients: there the head's shards are gathered here, once per call.
+    Elsewhere this is a plain call (an extra module call inside an FSDP2 root crashes its backward, torch 2.13)."""
+    head = _output_embedding(model)
+    if not hasattr(head.weight, "ds_id"):
+        whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in _weight_and_bias(head)]
+        return fn(*whole, *args)
+    head.forward = lambda *inputs: fn(*_weight_and_bias(head), *inputs)
+    try:
+        return head(*args)
+    finally:
+        del head.forward
 
 
 def final_hidden_states(model: nn.Module, **inputs) -> torch.Tensor:

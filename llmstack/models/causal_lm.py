@@ -89,13 +89,23 @@ def check_vocab(model: PreTrainedModel, tokenizer) -> None:
                          "use the model's own tokenizer or resize the model's embeddings first")
 
 
+def numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also where DeepSpeed ZeRO-3 left this process an empty shard."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def ndim(param: torch.Tensor) -> int:
+    """Dimensions of the whole parameter (a ZeRO-3 shard is flat; its full shape is kept as `ds_shape`)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def matmul_params(model: PreTrainedModel) -> int:
     """Parameters that take part in a matmul per token: all but an untied input embedding (a lookup)."""
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(numel(p) for p in model.parameters())
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
-    return total if tied else total - embed.numel()
+    tied = head is not None and head.weight is embed
+    return total if tied else total - numel(embed)
 
 
 def save_model(model: PreTrainedModel, tokenizer, directory: str | Path, state_dict=None) -> None:

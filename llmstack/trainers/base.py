@@ -18,6 +18,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from llmstack.models import causal_lm
+from llmstack.trainers import distributed
+
 log = logging.getLogger("llmstack")
 
 
@@ -36,40 +39,34 @@ def make_accelerator(precision: str, grad_accum: int, trackers: list[str], proje
                          "use train.precision=bf16 or fp32 on CPU")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    engine_flags = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
-    if launched > 1 and not torch.cuda.is_available() and not any(
-            os.environ.get(flag, "").lower() in ("1", "true") for flag in engine_flags):
-        # Launched as N CPU processes, accelerate only builds a real DDP group when told it runs on CPU;
-        # otherwise each process trains alone while reporting world size N.
+    on_cpu = launched > 1 and not torch.cuda.is_available()
+    if on_cpu and not distributed.flag("ACCELERATE_USE_DEEPSPEED"):
+        # Launched as N CPU processes, accelerate only builds a real process group when told it runs on CPU;
+        # otherwise each process trains alone while reporting world size N. (FSDP is adopted just below.)
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     # Without CUDA the default process-group backend is unusable; gloo runs multi-process CPU training.
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched > 1 and not torch.cuda.is_available() else []
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
                       log_with=trackers or None, project_dir=project_dir, kwargs_handlers=handlers)
+    if on_cpu and distributed.flag("ACCELERATE_USE_FSDP") and acc.distributed_type == DistributedType.MULTI_CPU:
+        distributed.adopt_fsdp_on_cpu(acc)
     if acc.state.deepspeed_plugin is not None:
-        _fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, micro_batch, grad_accum, max_grad_norm)
+        # DeepSpeed calls collectives that torch has deprecated; the warning repeats at every step and is
+        # nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        distributed.fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, micro_batch, grad_accum,
+                                          max_grad_norm, acc.num_processes)
     if launched > 1 and (acc.num_processes != launched or acc.distributed_type == DistributedType.NO):
         raise RuntimeError(
             f"the launcher started {launched} processes but accelerate set up {acc.num_processes} "
             f"({acc.distributed_type.value}): each would train alone. On CPU launch with "
-            "`ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/cpu-2proc.yaml ...`")
+            "`accelerate launch --config_file configs/accelerate/cpu-2proc.yaml ...`")
     return acc
-
-
-def _fill_deepspeed_config(ds: dict, micro_batch: int | None, grad_accum: int, max_grad_norm: float) -> None:
-    """llmstack's own batch, accumulation and clipping settings are the run's; DeepSpeed reads them from its
-    config, and its engine clips (accelerate's clip_grad_norm_ only reports the norm under DeepSpeed). The
-    optimiser is llmstack's AdamW, which DeepSpeed must be told to accept under ZeRO."""
-    if micro_batch is not None:
-        ds["train_micro_batch_size_per_gpu"] = micro_batch
-        ds.pop("train_batch_size", None)
-    ds["gradient_accumulation_steps"] = grad_accum
-    ds["gradient_clipping"] = max_grad_norm
-    ds["zero_allow_untested_optimizer"] = True
 
 
 def describe_world(accelerator: Accelerator) -> str:
     return (f"world size {accelerator.num_processes} ({accelerator.distributed_type.value}), "
+            f"layout {distributed.layout(accelerator)}, "
             f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
 
 
@@ -99,7 +96,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: list[float], weigh
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if causal_lm.ndim(param) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from llmstack.kernels import KernelHandle, apply_kernels, causal_linear_cross_entropy, final_hidden_states, lm_head_params
+from llmstack.kernels import KernelHandle, apply_kernels, causal_linear_cross_entropy, final_hidden_states, through_head
 from llmstack.losses import causal_lm_loss_sum
 
 
@@ -24,7 +24,10 @@ def lm_loss_sum(model, labels_BT: torch.Tensor, impl: str, **inputs) -> torch.Te
     if impl == "reference":
         return causal_lm_loss_sum(model(**inputs, use_cache=False).logits, labels_BT)
     hidden = final_hidden_states(model, **inputs, use_cache=False)
-    weight, bias = lm_head_params(model)
+    return through_head(model, _fused_loss_sum, hidden, labels_BT, impl)
+
+
+def _fused_loss_sum(weight, bias, hidden, labels_BT, impl: str) -> torch.Tensor:
     if hidden.dtype != weight.dtype:
         # mixed precision: the stock head would run under the model's autocast, so run this one likewise
         with torch.autocast(device_type=hidden.device.type, dtype=hidden.dtype):

@@ -14,7 +14,6 @@ Shape legend: B rollout sequences on this process, P prompt tokens, R response t
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -29,7 +28,8 @@ from llmstack.losses import count_targets, ppo_policy_loss_sum, value_loss_sum
 from llmstack.models import causal_lm
 from llmstack.rl.advantages import RunningMoments, gae, masked_mean_var, token_rewards, whiten
 from llmstack.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from llmstack.rl.rollout import HFGenerator, response_logprobs, response_mask, response_values
+from llmstack.rl.rollout import HFGenerator, response_logprobs, response_mask, response_values, row_seeds
+from llmstack.trainers import distributed
 from llmstack.trainers.base import NonFiniteLossError, StopOnSignal, build_optimizer, build_scheduler, log
 from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels
 from llmstack.trainers.reward import load_reward_model, sequence_scores
@@ -121,13 +121,16 @@ class Experience:
         return self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.mask[idx]
 
 
-def generate(acc, policy, prompts: dict, generator: HFGenerator) -> Experience:
+def generate(acc, policy, prompts: dict, generator: HFGenerator, seed: int, step: int) -> Experience:
+    """Sample responses, each from its own seed (run seed, step, prompt index), so the rollout is the same on
+    any number of processes. Under ZeRO-3 or FSDP the policy's parameters are gathered once for the whole
+    rollout, not once per generated token."""
     prompt_ids, prompt_mask = prompts["input_ids"].to(acc.device), prompts["attention_mask"].to(acc.device)
-    model = acc.unwrap_model(policy)
-    was_training = model.training
-    model.eval()
-    responses = generator(model, prompt_ids, prompt_mask)
-    model.train(was_training)
+    with distributed.full_model(acc, policy) as model:
+        was_training = model.training
+        model.eval()
+        responses = generator(model, prompt_ids, prompt_mask, row_seeds(seed, step, prompts["index"]))
+        model.train(was_training)
     mask, ended = response_mask(responses, generator.eos_token_id)
     return Experience(prompt_ids, prompt_mask, responses, mask, ended, prompts["index"])
 
@@ -169,13 +172,13 @@ def score(acc, exp: Experience, policy, reference, reward_model, value, kl_coef:
     return exp
 
 
-def ptx_loss(acc, policy, ptx_batches, coef: float, impl: str = "reference") -> torch.Tensor:
-    """Backpropagate coef x the global token-mean next-token loss of one pretraining batch; return the loss."""
+def ptx_loss(acc, policy, ptx_batches, coef: float, impl: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """(the term to add to this process's policy loss: coef x the global token-mean next-token loss of one
+    pretraining batch, scaled like the policy loss; that global loss, for the logs)."""
     batch = {k: v.to(acc.device) for k, v in next(ptx_batches).items()}
     n_tokens = acc.reduce(torch.tensor(float(count_targets(batch["labels"])), device=acc.device), "sum").clamp(min=1)
     loss_sum = lm_loss_sum(policy, batch["labels"], impl, input_ids=batch["input_ids"])
-    acc.backward(coef * loss_sum * acc.num_processes / n_tokens)
-    return acc.reduce(loss_sum.detach().double(), "sum") / n_tokens
+    return coef * loss_sum * acc.num_processes / n_tokens, acc.reduce(loss_sum.detach().double(), "sum") / n_tokens
 
 
 def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef: float, cfg: PPOConfig,
@@ -205,11 +208,15 @@ def update(acc, exp: Experience, policy, value, optimizers, schedulers, kl_coef:
             if not torch.isfinite(global_sums).all():
                 raise NonFiniteLossError(f"the PPO losses are {(global_sums / n_tokens).tolist()} at step "
                                          f"{step + 1}; the update was not applied")
-            acc.backward(policy_loss * scale)
-            acc.backward(v_loss * scale)
+            policy_objective = policy_loss * scale
             if ptx_batches is not None:
-                ptx_total += float(ptx_loss(acc, policy, ptx_batches, p.ptx_coef, impl))
+                ptx_term, ptx_value = ptx_loss(acc, policy, ptx_batches, p.ptx_coef, impl)
+                policy_objective = policy_objective + ptx_term
+                ptx_total += float(ptx_value)
                 ptx_count += 1
+            # one backward per model and minibatch: under DeepSpeed each backward is also that engine's step
+            distributed.backward(acc, policy, policy_objective)
+            distributed.backward(acc, value, v_loss * scale)
             for model, optimizer in zip((policy, value), optimizers):
                 if train.max_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), train.max_grad_norm)
@@ -261,15 +268,13 @@ def write_samples(run, exp: Experience, conversations, tokenizer, step: int, n: 
 
 def ppo(cfg: PPOConfig) -> LoopResult | None:
     """Train (or resume) a policy with PPO; returns None when the run directory was already finished."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        # accelerate binds one DeepSpeed engine to one Accelerator; the policy and value need one each.
-        # Refused before the run directory is touched, so nothing is left half-started.
-        raise RuntimeError("ppo: DeepSpeed is not supported for PPO yet (it trains two models, policy and value); "
-                           "launch it with DDP (configs/accelerate/cpu-2proc.yaml on CPU, --multi_gpu on GPUs)")
     run = open_run(cfg, "ppo")
     if run.finished:
         return None
     acc, p, train = run.accelerator, cfg.ppo, cfg.train
+    if cfg.lora.enabled and distributed.is_sharded(acc):
+        raise ValueError(f"ppo: lora.enabled is not supported under the {distributed.layout(acc)} layout; LoRA's "
+                         "trainable weights are small, so launch it with DDP or DeepSpeed ZeRO-2 instead")
     tokenizer = causal_lm.load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     ensure_chat_template(tokenizer)
     prompt_rows, conversations = load_prompts(cfg, tokenizer)
@@ -278,11 +283,14 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
     kernels = [use_kernels(m, cfg.kernels, acc.device) for m in (policy, reference) if m is not None][0]
     optimizers = [build_optimizer(policy, train.lr, train.adam_betas, train.weight_decay),
                   build_optimizer(value, p.value_lr, train.adam_betas, train.weight_decay)]
+    # one model per prepare: DeepSpeed builds an engine per model, FSDP2 shards one model at a time
+    policy, optimizers[0] = acc.prepare(policy, optimizers[0])
+    value, optimizers[1] = acc.prepare(value, optimizers[1])
+    # on the prepared optimisers, which under ZeRO offload are DeepSpeed's CPU Adam (see stage.py)
     schedulers = [build_scheduler(o, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
                   for o in optimizers]
-    policy, value, *optimizers = acc.prepare(policy, value, *optimizers)
-    reference = reference.to(acc.device) if reference is not None else None
-    reward_model = reward_model.to(acc.device)
+    reference = distributed.prepare_frozen(acc, reference) if reference is not None else None
+    reward_model = distributed.prepare_frozen(acc, reward_model)
     kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else FixedKLController(p.kl_coef))
     moments = RunningMoments()
@@ -318,7 +326,7 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
     with StopOnSignal() as stop:
         while state.step < train.max_steps:
             timer = time.perf_counter()
-            exp = generate(acc, policy, next(batches), generator)
+            exp = generate(acc, policy, next(batches), generator, cfg.seed, state.step)
             t_gen = time.perf_counter()
             exp = score(acc, exp, policy, reference, reward_model, value, kl_ctl.coef, cfg, moments, kernels.loss_impl)
             t_score = time.perf_counter()
@@ -345,8 +353,10 @@ def ppo(cfg: PPOConfig) -> LoopResult | None:
                 run.checkpointer.save(state.step, checkpoint_state())
     progress.close()
     result = result or LoopResult("finished", state)
-    if result.status == "finished" and acc.is_main_process:
-        causal_lm.save_model(acc.unwrap_model(value), tokenizer, run.dir / "value_model")
+    if result.status == "finished":
+        value_state = acc.get_state_dict(value)  # every process takes part: sharded layouts gather it
+        if acc.is_main_process:
+            causal_lm.save_model(acc.unwrap_model(value), tokenizer, run.dir / "value_model", state_dict=value_state)
     summary = {"steps": state.step, **{f"final_{k}": v for k, v in state.last_eval.items()},
                "final_kl_coef": kl_ctl.coef}
     result.model = close_run(run, policy, tokenizer, result.status, summary,

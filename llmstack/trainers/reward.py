@@ -19,6 +19,7 @@ from llmstack.data.agreement import annotator_statistics, format_table
 from llmstack.data.chat import ensure_chat_template
 from llmstack.data.preference import IMPORTERS, build_preference_rows
 from llmstack.data.text import is_held_out
+from llmstack.kernels import apply_head
 from llmstack.losses import ranking_loss_sum
 from llmstack.models import causal_lm
 from llmstack.trainers.base import log
@@ -41,7 +42,7 @@ def sequence_scores(model, input_ids_RT: torch.Tensor, attention_mask_RT: torch.
     columns = torch.arange(input_ids_RT.shape[1], device=input_ids_RT.device)
     last = (columns * attention_mask_RT).argmax(-1)
     head = getattr(model, "module", model).score
-    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+    return apply_head(head, hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
 def group_scores(model, batch: dict) -> torch.Tensor:

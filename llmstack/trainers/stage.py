@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from llmstack.models import causal_lm
+from llmstack.trainers import distributed
 from llmstack.trainers.base import NonFiniteLossError, batch_arithmetic, build_optimizer, build_scheduler, log
 from llmstack.trainers.run import Run, close_run, resume
 from llmstack.trainers.supervised import (LoopResult, LoopState, SupervisedObjective, evaluate_loss,
@@ -48,25 +49,29 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
                          before_save: Callable[[torch.nn.Module], dict] | None = None) -> LoopResult:
     """Train `model` on `batches` to `train.max_steps` with checkpoints and evaluation; returns the result
     with the trained model. `held_out()` gives this process's held-out micro-batches; `after_eval(model,
-    step)` may add metrics (e.g. generated samples) to every evaluation; `before_save(model)` runs once
+    step)` may add metrics (e.g. generated samples) to every evaluation, and gets the model with whole
+    parameters even under a sharded layout, so one process may generate alone; `before_save(model)` runs once
     training has finished, may change what is saved, and returns facts for the record."""
     acc, train = run.accelerator, run.cfg.train
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(causal_lm.numel(p) for p in model.parameters())
+    n_trainable = sum(causal_lm.numel(p) for p in model.parameters() if p.requires_grad)
     log.info(f"{run.stage}: {type(model).__name__} with {n_params / 1e6:.2f}M parameters "
              f"({n_trainable / 1e6:.2f}M trainable), vocabulary {len(tokenizer)}")
     log.info(f"{run.stage}: {batch_arithmetic(train.batch_size, train.grad_accum, acc.num_processes, seq_len)}")
     flops_per_token, peak, peak_source = _throughput_facts(run, model, seq_len)
 
     optimizer = build_optimizer(model, train.lr, train.adam_betas, train.weight_decay)
-    scheduler = build_scheduler(optimizer, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
     model, optimizer = acc.prepare(model, optimizer)
+    # after prepare: under ZeRO offload accelerate swaps in DeepSpeed's CPU Adam, and a schedule built on the
+    # optimiser given to prepare would set learning rates nothing reads
+    scheduler = build_scheduler(optimizer, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
     acc.register_for_checkpointing(scheduler)
 
     def evaluate(step: int = 0) -> dict:
         metrics = evaluate_loss(acc, model, held_out(), objective, train.eval_batches) if held_out else {}
         if after_eval is not None:
-            metrics.update(after_eval(acc.unwrap_model(model), step))
+            with distributed.full_model(acc, model) as whole:
+                metrics.update(after_eval(whole, step))
         return metrics
 
     state = resume(run, batches, restore_loop_state)

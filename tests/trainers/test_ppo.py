@@ -16,6 +16,7 @@ from llmstack.models.causal_lm import build_from_preset, load_causal_lm, save_mo
 from llmstack.rl.advantages import RunningMoments, last_token_index
 from llmstack.rl.rollout import HFGenerator, response_logprobs, response_mask
 from llmstack.tracking.metrics import MetricsLog
+from llmstack.trainers import distributed
 from llmstack.trainers.ppo import generate, load_prompts, ppo, score
 from llmstack.trainers.reward import load_reward_model, sequence_scores
 
@@ -48,7 +49,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_unit_first_ratio(tmp_path, 
     rows, _ = load_prompts(cfg, tokenizer)
     gen = HFGenerator(8, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    exp = score(acc, generate(acc, policy, rows.rows(torch.arange(8)), gen), policy, reference, reward_model, value,
+    exp = score(acc, generate(acc, policy, rows.rows(torch.arange(8)), gen, 0, 0), policy, reference, reward_model, value,
                 0.1, cfg, RunningMoments())
     assert torch.equal(exp.logp, exp.ref_logp) and exp.kl.abs().sum() == 0
     again, _ = response_logprobs(policy, *exp.response_args(torch.arange(4)), 1.0)
@@ -129,7 +130,7 @@ def test_fused_logprobs_match_the_stock_logits_on_left_padded_rollouts(tmp_path,
     policy = load_causal_lm(str(policy_path))
     gen = HFGenerator(8, 0.7, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    exp = generate(Accelerator(cpu=True), policy, rows.rows(torch.arange(8)), gen)
+    exp = generate(Accelerator(cpu=True), policy, rows.rows(torch.arange(8)), gen, 0, 0)
     out = {}
     for impl in ("reference", "chunked"):
         policy.zero_grad()
@@ -157,8 +158,7 @@ def test_lora_policy_uses_its_base_model_as_the_reference(tmp_path, models):
     assert result.status == "finished"
 
 
-def test_deepspeed_launch_is_refused_before_the_run_directory_exists(tmp_path, models, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(RuntimeError, match="DeepSpeed is not supported for PPO yet.*launch it with DDP"):
-        ppo(config(tmp_path, models, "ds"))
-    assert not (tmp_path / "ds").exists()
+def test_lora_under_a_sharded_layout_is_refused_with_what_to_launch_instead(tmp_path, models, monkeypatch):
+    monkeypatch.setattr(distributed, "layout", lambda acc: "zero3")
+    with pytest.raises(ValueError, match="lora.enabled is not supported under the zero3 layout.*DDP or DeepSpeed ZeRO-2"):
+        ppo(config(tmp_path, models, "lora", "lora.enabled=true"))
