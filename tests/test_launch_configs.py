@@ -3,7 +3,6 @@ each config, and every GPU config has a CPU twin with the same engine settings (
 tests/trainers/test_two_processes.py runs)."""
 
 import json
-import re
 import shlex
 from pathlib import Path
 

@@ -15,7 +15,8 @@ import torch
 from llmstack.data import synthetic
 from llmstack.data.chat import ensure_chat_template
 from llmstack.models.causal_lm import load_causal_lm, load_tokenizer
-from llmstack.rl.rollout import HFGenerator, join, response_logprobs, response_mask
+from llmstack.models.generation import HFGenerator
+from llmstack.rl.rollout import join, response_logprobs, response_mask
 from llmstack.trainers.reward import load_reward_model, sequence_scores
 
 

@@ -26,9 +26,11 @@ from llmstack.data.chat import ensure_chat_template
 from llmstack.data.text import pack_corpus
 from llmstack.losses import count_targets, ppo_policy_loss_sum, value_loss_sum
 from llmstack.models import causal_lm
+from llmstack.models.generation import HFGenerator
 from llmstack.rl.advantages import RunningMoments, gae, masked_mean_var, token_rewards, whiten
 from llmstack.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from llmstack.rl.rollout import HFGenerator, response_logprobs, response_mask, response_values, row_seeds
+from llmstack.rl.rollout import response_logprobs, response_mask, response_values
+from llmstack.rl.sampling import row_seeds
 from llmstack.trainers import distributed
 from llmstack.trainers.base import NonFiniteLossError, StopOnSignal, build_optimizer, build_scheduler, log
 from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels

@@ -9,7 +9,8 @@ from llmstack.data.chat import ensure_chat_template
 from llmstack.data.synthetic import corpus
 from llmstack.data.text import train_tokenizer
 from llmstack.models.causal_lm import build_from_preset
-from llmstack.rl.rollout import HFGenerator, SeededSampling, row_seeds, uniform_noise
+from llmstack.models.generation import HFGenerator, SeededSampling
+from llmstack.rl.sampling import row_seeds, uniform_noise
 
 
 def frequencies(logits: torch.Tensor, n: int, processors=()) -> torch.Tensor:

@@ -57,7 +57,6 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
     assert [r["stage"] for r in chain] == ["ppo", "sft", "pretrain", "curate"]
     assert "pretrain [finished]" in format_lineage(chain)
     # the pretrained model's card states how its data was filtered: the curation run's own counts
-    removed = json.loads((tmp_path / "curate/curation.json").read_text())
     pretrain_record = json.loads((tmp_path / "pretrain/record.json").read_text())
     assert pretrain_record["data"]["curation"] == json.loads((tmp_path / "curate/record.json").read_text())["data"]
     assert sum(pretrain_record["data"]["curation"]["removed_by_rule"].values()) > 0

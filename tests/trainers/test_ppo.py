@@ -14,7 +14,8 @@ from llmstack.data.synthetic import corpus, instructions
 from llmstack.data.text import train_tokenizer
 from llmstack.models.causal_lm import build_from_preset, load_causal_lm, save_model
 from llmstack.rl.advantages import RunningMoments, last_token_index
-from llmstack.rl.rollout import HFGenerator, response_logprobs, response_mask
+from llmstack.models.generation import HFGenerator
+from llmstack.rl.rollout import response_logprobs, response_mask
 from llmstack.tracking.metrics import MetricsLog
 from llmstack.trainers import distributed
 from llmstack.trainers.ppo import generate, load_prompts, ppo, score
