@@ -185,7 +185,8 @@ PPO = ["data.train=synthetic:32", "train.max_steps=3", "train.lr=1e-3", "ppo.max
 @pytest.mark.parametrize("layout", layouts("ddp", "zero2", "zero3", "fsdp"))
 def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained, layout):
     """Each process samples half of the rollout (seeded per prompt, so the same responses as one process)
-    and takes each epoch as one minibatch, so the global batch of every update is the 1-process one."""
+    and takes each epoch as one minibatch, so the global batch of every update is the 1-process one. Under
+    ZeRO-3 an interrupted run also resumes to exactly the uninterrupted one."""
     models = [f"model.name_or_path={pretrained / 'pre' / 'model'}", f"reward_model.name_or_path={pretrained / 'rm'}"]
     launch_two("ppo", tmp_path / "two", *models, *PPO, "ppo.rollout_batch=4", "train.batch_size=4", layout=layout)
     config_cls, target = STAGES["ppo"]
@@ -198,6 +199,11 @@ def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained, layout):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-3, abs=1e-5), key
     assert one[-1]["kl"] != 0.0, "the policy must have moved for the comparison to mean anything"
     assert_reloads_to_the_same_logits(tmp_path / "two")
+    if layout == "zero3":  # four DeepSpeed engines in one checkpoint: two trained, two frozen
+        args = [*models, *PPO, "ppo.rollout_batch=4", "train.batch_size=4"]
+        assert launch_two("ppo", tmp_path / "split", *args, layout=layout, stop_at=2)["status"] == "interrupted"
+        assert launch_two("ppo", tmp_path / "split", *args, layout=layout)["status"] == "finished"
+        assert without_timing(metric_rows(tmp_path / "split")) == without_timing(two)
 
 
 @pytest.mark.slow
