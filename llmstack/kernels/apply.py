@@ -72,7 +72,10 @@ class RopeFusedAttention(nn.Module):
             self._window = {"sliding_window": getattr(stock, "sliding_window", getattr(stock.config,
                                                                                        "sliding_window", None))}
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
+        # transformers 5.24 renamed the decoder's `past_key_values` argument `cache`; earlier releases pass the old name
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape)
@@ -82,8 +85,8 @@ class RopeFusedAttention(nn.Module):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = rope_fwd(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention = self._functions.get_interface(self.config._attn_implementation, self._eager)
         out, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling,
                                  dropout=0.0 if not self.training else self.attention_dropout,
