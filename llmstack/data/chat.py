@@ -143,21 +143,26 @@ def _answer_end(answer: list[int], eos_id: int) -> int:
 
 @dataclass
 class ChatRows:
-    """Fixed-length rows of one or more examples. `segment_ids` number the examples in a row (padding gets
-    its own segment); `position_ids` restart at 0 for every example."""
+    """Rows of one or more examples, right-padded to `max_length`. `segment_ids` number the examples in a
+    row (padding gets its own segment); `position_ids` restart at 0 for every example; `lengths` count each
+    row's tokens before its padding."""
 
     input_ids: torch.Tensor  # [N, T]
     labels: torch.Tensor  # [N, T]
     position_ids: torch.Tensor  # [N, T]
     segment_ids: torch.Tensor  # [N, T]
+    lengths: torch.Tensor  # [N]
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, index) -> dict:
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index],
-                "position_ids": self.position_ids[index], "segment_ids": self.segment_ids[index]}
+        """The rows at `index`, cut to the longest of them: a column that is padding in every row of the batch
+        is neither attended to nor a target, so dropping it changes no loss and saves its compute."""
+        width = int(self.lengths[index].max())
+        return {"input_ids": self.input_ids[index, :width], "labels": self.labels[index, :width],
+                "position_ids": self.position_ids[index, :width], "segment_ids": self.segment_ids[index, :width]}
 
 
 def fit_length(example: tuple[list[int], list[int]], max_length: int, overlong: str):
@@ -192,10 +197,11 @@ def build_rows(examples: list[tuple[list[int], list[int]]], max_length: int, pad
                          "set data.overlong=truncate")
     tensors = [_row(row, max_length, pad_id) for row in rows]
     stacked = [torch.tensor([t[k] for t in tensors], dtype=torch.long) for k in range(4)]
+    lengths = torch.tensor([sum(len(e[0]) for e in row) for row in rows], dtype=torch.long)
     n_tokens = sum(len(e[0]) for e in kept)
     stats = {"examples": len(kept), "dropped_overlong": dropped, "truncated": truncated, "rows": len(rows),
              "fill": round(n_tokens / (len(rows) * max_length), 4)}
-    return ChatRows(*stacked, stats=stats)
+    return ChatRows(*stacked, lengths, stats=stats)
 
 
 def _row(examples, max_length: int, pad_id: int):

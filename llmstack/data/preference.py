@@ -225,7 +225,7 @@ def render(tokenizer, prompt, response: str) -> list[int]:
 
 @dataclass
 class PreferenceRows:
-    input_ids: torch.Tensor  # [N, K, T] right-padded
+    input_ids: torch.Tensor  # [N, K, T] right-padded to the longest response of all N groups
     attention_mask: torch.Tensor  # [N, K, T]
     ranks: torch.Tensor  # [N, K], -1 where a group has fewer than K responses
     margins: torch.Tensor  # [N]
@@ -235,7 +235,11 @@ class PreferenceRows:
         return self.input_ids.shape[0]
 
     def rows(self, index) -> dict:
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+        """The groups at `index`, cut to their longest response: columns that are padding in every response
+        of the batch change no score (the score is read at each response's last real token)."""
+        mask = self.attention_mask[index]
+        width = int(mask.sum(-1).max())
+        return {"input_ids": self.input_ids[index, ..., :width], "attention_mask": mask[..., :width],
                 "ranks": self.ranks[index], "margins": self.margins[index]}
 
 

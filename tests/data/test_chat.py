@@ -92,3 +92,18 @@ def test_block_causal_mask_by_hand():
                     [0, 0, 1, 0, 0],
                     [0, 0, 1, 1, 0],
                     [0, 0, 0, 0, 1]]
+
+
+def test_a_batch_is_cut_to_its_longest_row_and_the_cut_columns_were_padding():
+    examples = [([1, 2, 3], [-100, 2, 3]), ([4, 5, 6, 7, 8, 9], [-100, 5, 6, 7, 8, 9]), ([4, 5], [4, 5])]
+    rows = build_rows(examples, max_length=10, pad_id=0, packing=False)
+    assert rows.input_ids.shape == (3, 10) and rows.lengths.tolist() == [3, 6, 2]
+    short = rows.rows(torch.tensor([2, 0]))
+    assert short["input_ids"].tolist() == [[4, 5, 0], [1, 2, 3]]
+    assert short["labels"].tolist() == [[-100, 5, -100], [-100, 2, 3]]
+    assert short["position_ids"].tolist() == [[0, 1, 0], [0, 1, 2]]
+    assert short["segment_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert rows.rows(torch.tensor([0, 1]))["input_ids"].shape == (2, 6)
+    # packed rows are cut the same way: [1 2 3 4 5 | 0 ...] and [6 7 8 9 | 0 ...]
+    packed = build_rows(examples[:1] + examples[2:] + [([6, 7, 8, 9], [6, 7, 8, 9])], 10, 0, packing=True)
+    assert packed.lengths.tolist() == [9] and packed.rows(torch.tensor([0]))["input_ids"].shape == (1, 9)

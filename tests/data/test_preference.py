@@ -2,6 +2,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from llmstack.data.agreement import annotator_statistics, krippendorff_alpha_nominal
 from llmstack.data.preference import (PreferenceGroup, build_preference_rows, import_hh, import_label_studio,
@@ -117,3 +118,18 @@ def test_hh_importer_skips_unusable_pairs_with_a_warning(tmp_path, caplog, monke
         groups = list(import_hh(spec))
     assert [g.responses for g in groups] == [["hey", "go"]]
     assert "hh.jsonl, line 1" in caplog.text and "is empty" in caplog.text
+
+
+def test_a_batch_of_groups_is_cut_to_its_longest_response(tokenizer):
+    groups = [PreferenceGroup("Q ", ["a", "b"], [0, 1]), PreferenceGroup("Q ", ["x " * 12, "y"], [1, 0]),
+              PreferenceGroup("Q ", ["c", "d", "e"], [0, 1, 2])]
+    rows = build_preference_rows(groups, tokenizer, max_length=64)
+    lengths = rows.attention_mask.sum(-1)  # [N, K]
+    full = rows.input_ids.shape[-1]
+    assert full == int(lengths.max()) == int(lengths[1].max())
+    batch = rows.rows(torch.tensor([2, 0]))
+    width = int(lengths[[2, 0]].max())
+    assert width < full and batch["input_ids"].shape == (2, 3, width)
+    assert torch.equal(batch["input_ids"], rows.input_ids[[2, 0], :, :width])
+    assert torch.equal(batch["attention_mask"].sum(-1), lengths[[2, 0]])  # no real token was cut
+    assert batch["ranks"].tolist() == [[0, 1, 2], [0, 1, -1]]

@@ -135,3 +135,26 @@ def test_4bit_without_adapters_is_refused():
 
     with pytest.raises(ConfigError, match="'lora.load_in_4bit' needs 'lora.enabled=true'"):
         load_config(SFTConfig, None, ["model.name_or_path=m", "lora.load_in_4bit=true"])
+
+
+def test_a_batch_cut_to_its_longest_row_has_the_full_width_loss_and_gradients(base):
+    _, model, tokenizer = base
+    examples = [tokenize_conversation(tokenizer, c) for c in instructions(4, seed=5)]
+    rows = build_rows(examples, 256, tokenizer.pad_token_id, packing=False)
+    index = torch.arange(len(rows))
+    full = {"input_ids": rows.input_ids, "labels": rows.labels, "position_ids": rows.position_ids,
+            "segment_ids": rows.segment_ids}
+    cut = rows.rows(index)
+    assert cut["input_ids"].shape[1] == int(rows.lengths.max()) < 256
+
+    def loss_and_grads_of(batch):
+        model.zero_grad()
+        loss = _sft_loss_sum(model, batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    loss_full, grads_full = loss_and_grads_of(full)
+    loss_cut, grads_cut = loss_and_grads_of(cut)
+    assert loss_cut == pytest.approx(loss_full, rel=1e-5)
+    for a, e in zip(grads_cut, grads_full):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
