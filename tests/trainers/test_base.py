@@ -34,6 +34,28 @@ def test_norms_and_biases_are_not_decayed():
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
 
 
+def test_optimizer_steps_are_adamw_by_hand():
+    """Two steps of decoupled-weight-decay Adam (Loshchilov & Hutter 2019, algorithm 2) written out."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, (b1, b2), wd, eps = 1e-2, (0.9, 0.95), 0.1, 1e-8
+    opt = build_optimizer(model, lr, [b1, b2], wd)
+    grads = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(2)]
+    for g in grads:
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+        opt.step()
+    for n, p in model.named_parameters():
+        w, m, v = start[n].clone(), torch.zeros_like(start[n]), torch.zeros_like(start[n])
+        decay = wd if p.ndim >= 2 else 0.0
+        for t, g in enumerate(grads, 1):
+            w = w * (1 - lr * decay)
+            m, v = b1 * m + (1 - b1) * g[n], b2 * v + (1 - b2) * g[n] ** 2
+            w = w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-7)
+
+
 def test_batch_arithmetic_line():
     line = batch_arithmetic(8, 4, 2, 256)
     assert "8 per device x 4 accumulation x 2 processes = 64 sequences per step" in line
