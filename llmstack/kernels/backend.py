@@ -7,6 +7,11 @@ The jitted kernels live in `llmstack.kernels.triton_impl` and are defined only w
 asked for, never when `llmstack.kernels` is imported. That matters on CPU: Triton's interpreter
 (`TRITON_INTERPRET=1`, used by the tests) takes effect only for kernels defined after the variable is set,
 so defining them lazily lets a test harness set it at any point before the first Triton call.
+
+What the tests cover: every kernel's program logic, forward and backward, under the interpreter on CPU. What
+they cannot: the kernels compiled for a GPU (block sizes against real shared memory, the compiled code's
+speed). That needs a CUDA device, where `python -m benchmarks.kernels` runs the compiled path; the tests
+build CPU tensors and so stay on the interpreter.
 """
 
 from __future__ import annotations
