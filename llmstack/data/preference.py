@@ -14,7 +14,7 @@ each optionally with "annotator" and "margin" (how strongly chosen beats rejecte
 Importers turn Anthropic HH dialogue strings, Open-Assistant message trees and Label Studio exports into
 the same groups (see `import_hh`, `import_oasst`, `import_label_studio`).
 
-Shape legend: N groups, K responses per group (padded), T tokens.
+Shape legend: N groups, K responses per group (padded), T tokens of a group's row.
 """
 
 from __future__ import annotations
@@ -213,57 +213,110 @@ IMPORTERS = {"auto": iter_groups, "hh": import_hh, "oasst": import_oasst, "label
 # Tokenising
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return _encode(tokenizer, prompt)
+
+
 def render(tokenizer, prompt, response: str) -> list[int]:
     """Token ids of prompt + response + EOS, built the way PPO builds a sample: the prompt (with the chat
     template's generation header) tokenised alone, then the response tokens, then EOS, where the score is
     read. The reward model thus scores exactly the token sequences the policy will produce."""
-    if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
-    return encode(prompt) + encode(response) + [tokenizer.eos_token_id]
+    return _prompt_ids(tokenizer, prompt) + _encode(tokenizer, response) + [tokenizer.eos_token_id]
+
+
+PAD_SEGMENT = -1
 
 
 @dataclass
 class PreferenceRows:
-    input_ids: torch.Tensor  # [N, K, T] right-padded to the longest response of all N groups
-    attention_mask: torch.Tensor  # [N, K, T]
+    """One row per group: the prompt's tokens once, then each response's tokens and EOS (as `render` builds
+    them), right-padded. `segment_ids` are 0 on the prompt, k + 1 on response k and PAD_SEGMENT on padding;
+    `position_ids` continue from the prompt in every response, so under `shared_prompt_mask` each response
+    is computed exactly as prompt + response alone would be, while the prompt is computed once per group
+    instead of once per response (most of the tokens when dialogues are long and answers short)."""
+
+    input_ids: torch.Tensor  # [N, T]
+    position_ids: torch.Tensor  # [N, T]
+    segment_ids: torch.Tensor  # [N, T]
+    last_index: torch.Tensor  # [N, K] position of each response's EOS, where its score is read (0 if absent)
     ranks: torch.Tensor  # [N, K], -1 where a group has fewer than K responses
     margins: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N] tokens before the padding
     stats: dict
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, index) -> dict:
-        """The groups at `index`, cut to their longest response: columns that are padding in every response
-        of the batch change no score (the score is read at each response's last real token)."""
-        mask = self.attention_mask[index]
-        width = int(mask.sum(-1).max())
-        return {"input_ids": self.input_ids[index, ..., :width], "attention_mask": mask[..., :width],
+        """The groups at `index`, cut to the longest of them: columns that are padding in every row are
+        attended to by nothing real and change no score."""
+        width = int(self.lengths[index].max())
+        return {"input_ids": self.input_ids[index, :width], "position_ids": self.position_ids[index, :width],
+                "segment_ids": self.segment_ids[index, :width], "last_index": self.last_index[index],
                 "ranks": self.ranks[index], "margins": self.margins[index]}
 
 
+def shared_prompt_mask(segment_ids_NT: torch.Tensor) -> torch.Tensor:
+    """[N, 1, T, T] boolean: position i attends to j <= i of its own segment, and a response also to its
+    prompt (segment 0). Padding attends only to padding, so no row of the mask is empty."""
+    seg_i, seg_j = segment_ids_NT[:, :, None], segment_ids_NT[:, None, :]
+    length = segment_ids_NT.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=segment_ids_NT.device))
+    return (causal & ((seg_i == seg_j) | ((seg_j == 0) & (seg_i > 0))))[:, None]
+
+
+def _fit(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """Cut a group so that prompt + its longest response fits `max_length`: the prompt keeps its last tokens
+    (every response still sees the same prompt), and a response longer than `max_length` alone keeps its last
+    tokens (the EOS, where the score is read) and sees no prompt."""
+    responses = [r[-max_length:] for r in responses]
+    room = max_length - max(len(r) for r in responses)
+    return (prompt[len(prompt) - room:] if room < len(prompt) else prompt), responses
+
+
 def build_preference_rows(groups: list[PreferenceGroup], tokenizer, max_length: int) -> PreferenceRows:
-    """Tensors for `groups`; a response longer than `max_length` keeps its last tokens (where the score is
-    read), and the count of such cuts is reported."""
+    """Tensors for `groups` in the shared-prompt layout (`PreferenceRows`); groups longer than `max_length`
+    are cut by `_fit`, and the responses whose scored text was cut are counted. `sharing_factor` in the stats
+    is the prompt + response tokens scored over the tokens the rows hold: the compute sharing saves."""
     if not groups:
         raise ValueError("no preference groups to tokenise")
     k_max = max(len(g.responses) for g in groups)
     encoded, truncated = [], 0
     for group in groups:
-        ids = [render(tokenizer, group.prompt, r) for r in group.responses]
-        truncated += sum(len(x) > max_length for x in ids)
-        encoded.append([x[-max_length:] for x in ids])
-    length = max(len(x) for group in encoded for x in group)
-    input_ids = torch.full((len(groups), k_max, length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
+        prompt = _prompt_ids(tokenizer, group.prompt)
+        responses = [_encode(tokenizer, r) + [tokenizer.eos_token_id] for r in group.responses]
+        kept_prompt, kept = _fit(prompt, responses, max_length)
+        truncated += sum(len(kept_prompt) + len(k) < len(prompt) + len(r) for k, r in zip(kept, responses))
+        encoded.append((kept_prompt, kept))
+    lengths = torch.tensor([len(p) + sum(len(r) for r in rs) for p, rs in encoded], dtype=torch.long)
+    width = int(lengths.max())
+    input_ids = torch.full((len(groups), width), tokenizer.pad_token_id, dtype=torch.long)
+    positions = torch.zeros_like(input_ids)
+    segments = torch.full_like(input_ids, PAD_SEGMENT)
+    last = torch.zeros((len(groups), k_max), dtype=torch.long)
     ranks = torch.full((len(groups), k_max), -1, dtype=torch.long)
-    for n, (group, ids) in enumerate(zip(groups, encoded)):
-        for k, x in enumerate(ids):
-            input_ids[n, k, :len(x)] = torch.tensor(x)
-            mask[n, k, :len(x)] = 1
-        ranks[n, :len(ids)] = torch.tensor(group.ranks)
+    for n, (group, (prompt, responses)) in enumerate(zip(groups, encoded)):
+        input_ids[n, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        positions[n, :len(prompt)] = torch.arange(len(prompt))
+        segments[n, :len(prompt)] = 0
+        start = len(prompt)
+        for k, response in enumerate(responses):
+            end = start + len(response)
+            input_ids[n, start:end] = torch.tensor(response)
+            positions[n, start:end] = torch.arange(len(prompt), len(prompt) + len(response))
+            segments[n, start:end] = k + 1
+            last[n, k] = end - 1
+            start = end
+        ranks[n, :len(responses)] = torch.tensor(group.ranks)
     margins = torch.tensor([g.margin for g in groups], dtype=torch.float)
+    scored = sum(len(p) + len(r) for p, rs in encoded for r in rs)
     stats = {"groups": len(groups), "responses": int((ranks >= 0).sum()), "max_k": k_max,
-             "truncated_responses": truncated}
-    return PreferenceRows(input_ids, mask, ranks, margins, stats)
+             "truncated_responses": truncated,
+             "sharing_factor": round(scored / max(1, int(lengths.sum())), 4)}
+    return PreferenceRows(input_ids, positions, segments, last, ranks, margins, lengths, stats)

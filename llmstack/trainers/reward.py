@@ -17,7 +17,7 @@ from llmstack.config import RewardConfig
 from llmstack.data import batching, sources
 from llmstack.data.agreement import annotator_statistics, format_table
 from llmstack.data.chat import ensure_chat_template
-from llmstack.data.preference import IMPORTERS, build_preference_rows
+from llmstack.data.preference import IMPORTERS, PAD_SEGMENT, build_preference_rows, shared_prompt_mask
 from llmstack.data.text import is_held_out
 from llmstack.kernels import apply_head
 from llmstack.losses import ranking_loss_sum
@@ -46,11 +46,17 @@ def sequence_scores(model, input_ids_RT: torch.Tensor, attention_mask_RT: torch.
 
 
 def group_scores(model, batch: dict) -> torch.Tensor:
-    """[B, K] scores of every response of every ranking in one forward pass (padding responses get 0)."""
-    valid = batch["ranks"] >= 0
-    scores = torch.zeros(valid.shape, device=valid.device)
-    scores[valid] = sequence_scores(model, batch["input_ids"][valid], batch["attention_mask"][valid])
-    return scores
+    """[N, K] scores of every response of every ranking, from one forward pass over the shared-prompt rows
+    (`PreferenceRows`): each score is the one `sequence_scores` gives prompt + response alone (padding
+    responses get 0)."""
+    mask = shared_prompt_mask(batch["segment_ids"])
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                output_hidden_states=True)
+    hidden_NTH = out.hidden_states[-1]
+    rows = torch.arange(hidden_NTH.shape[0], device=hidden_NTH.device)[:, None]
+    head = getattr(model, "module", model).score
+    scores = apply_head(head, hidden_NTH[rows, batch["last_index"]]).squeeze(-1).float()
+    return scores.masked_fill(batch["ranks"] < 0, 0.0)
 
 
 def reward_objective(use_margins: bool, center_coef: float) -> SupervisedObjective:
@@ -59,7 +65,7 @@ def reward_objective(use_margins: bool, center_coef: float) -> SupervisedObjecti
         return ranking_loss_sum(group_scores(model, batch), batch["ranks"], margins, center_coef)
 
     return SupervisedObjective(loss_sum=loss_sum, count_targets=lambda b: len(b["ranks"]),
-                               count_tokens=lambda b: int(b["attention_mask"].sum()))
+                               count_tokens=lambda b: int((b["segment_ids"] != PAD_SEGMENT).sum()))
 
 
 def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code: bool = False):
@@ -151,7 +157,8 @@ def reward(cfg: RewardConfig) -> LoopResult | None:
     train_rows = build_preference_rows(train_groups, tokenizer, d.max_length)
     held_rows = build_preference_rows(held_groups, tokenizer, d.max_length) if held_groups else None
     log.info(f"reward: {len(train_rows)} training rankings, {len(held_rows) if held_rows else 0} held out "
-             f"({train_rows.stats['truncated_responses']} responses cut to {d.max_length} tokens)")
+             f"({train_rows.stats['truncated_responses']} responses cut to {d.max_length} tokens; each prompt "
+             f"computed once for all its responses, {train_rows.stats['sharing_factor']:.2f}x fewer tokens)")
     batches = batching.ShuffledBatches(train_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                        cfg.seed)
     model = load_reward_model(m.name_or_path, tokenizer, cfg.seed, m.trust_remote_code)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from llmstack.data.agreement import annotator_statistics, krippendorff_alpha_nominal
-from llmstack.data.preference import (PreferenceGroup, build_preference_rows, import_hh, import_label_studio,
-                                      import_oasst, iter_groups)
+from llmstack.data.chat import ensure_chat_template
+from llmstack.data.preference import (PAD_SEGMENT, PreferenceGroup, build_preference_rows, import_hh,
+                                      import_label_studio, import_oasst, iter_groups, render, shared_prompt_mask)
 from llmstack.data.sources import DataError
 
 
@@ -100,13 +101,59 @@ def test_alpha_is_one_for_perfect_agreement():
     assert krippendorff_alpha_nominal(units) == pytest.approx(1.0)
 
 
-def test_rows_pad_groups_and_keep_the_end_of_long_responses(tokenizer):
-    groups = [PreferenceGroup("Q ", ["a", "b", "c"], [0, 1, 2]), PreferenceGroup("Q ", ["x " * 50, "y"], [1, 0])]
-    rows = build_preference_rows(groups, tokenizer, max_length=16)
-    assert rows.input_ids.shape[:2] == (2, 3) and rows.ranks[1].tolist() == [1, 0, -1]
-    assert rows.stats["truncated_responses"] == 1
-    long_ids = rows.input_ids[1, 0][rows.attention_mask[1, 0] == 1]
-    assert len(long_ids) == 16 and long_ids[-1].item() == tokenizer.eos_token_id
+def _row_pieces(rows, n):
+    """(prompt ids, [response ids]) of row n, read back through its segment ids."""
+    seg, ids = rows.segment_ids[n], rows.input_ids[n]
+    k = int((rows.ranks[n] >= 0).sum())
+    return ids[seg == 0].tolist(), [ids[seg == i + 1].tolist() for i in range(k)]
+
+
+def test_rows_hold_each_prompt_once_then_every_response_as_render_builds_it(tokenizer):
+    groups = [PreferenceGroup("Question one? ", ["a", "bb b", "c"], [0, 1, 2]),
+              PreferenceGroup([{"role": "user", "content": "Hi"}], ["x y", "z"], [1, 0])]
+    ensure_chat_template(tokenizer)
+    rows = build_preference_rows(groups, tokenizer, max_length=64)
+    assert rows.ranks.tolist() == [[0, 1, 2], [1, 0, -1]]
+    for n, group in enumerate(groups):
+        prompt, responses = _row_pieces(rows, n)
+        for k, response in enumerate(group.responses):
+            # the row's prompt + response k is exactly the sequence scored alone, with its own positions
+            assert prompt + responses[k] == render(tokenizer, group.prompt, response)
+            where = rows.segment_ids[n] == k + 1
+            assert rows.position_ids[n][where].tolist() == list(range(len(prompt), len(prompt) + len(responses[k])))
+            assert rows.last_index[n, k] == where.nonzero().max()
+            assert rows.input_ids[n, rows.last_index[n, k]] == tokenizer.eos_token_id
+        assert rows.lengths[n] == len(prompt) + sum(len(r) for r in responses)
+    seqs = sum(len(render(tokenizer, g.prompt, r)) for g in groups for r in g.responses)
+    assert rows.stats["sharing_factor"] == pytest.approx(seqs / int(rows.lengths.sum()), abs=1e-4)
+
+
+def test_a_group_too_long_keeps_the_end_of_its_prompt_and_of_a_response_too_long_alone(tokenizer):
+    prompt = "one two three four five six seven eight nine ten " * 3
+    group = PreferenceGroup(prompt, ["short answer", "x " * 50], [0, 1])
+    full_prompt = render(tokenizer, prompt, "")[:-1]
+    short = render(tokenizer, "", "short answer")
+    long = render(tokenizer, "", "x " * 50)
+    assert len(long) > 16
+    rows = build_preference_rows([group], tokenizer, max_length=16)
+    kept_prompt, (kept_short, kept_long) = _row_pieces(rows, 0)
+    assert kept_long == long[-16:] and kept_prompt == [] and kept_short == short
+    fits = build_preference_rows([PreferenceGroup(prompt, ["short answer", "y"], [0, 1])], tokenizer,
+                                 max_length=len(short) + 5)
+    kept_prompt, (kept_short, _) = _row_pieces(fits, 0)
+    assert kept_prompt == full_prompt[-5:] and kept_short == short
+    assert rows.stats["truncated_responses"] == 2 and fits.stats["truncated_responses"] == 2
+
+
+def test_shared_prompt_mask_by_hand():
+    # prompt (0), response 1, response 2, padding (-1)
+    mask = shared_prompt_mask(torch.tensor([[0, 0, 1, 1, 2, -1]]))[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0],
+                    [1, 1, 1, 0, 0, 0],
+                    [1, 1, 1, 1, 0, 0],
+                    [1, 1, 0, 0, 1, 0],
+                    [0, 0, 0, 0, 0, 1]]
 
 
 def test_hh_importer_skips_unusable_pairs_with_a_warning(tmp_path, caplog, monkeypatch):
@@ -120,16 +167,16 @@ def test_hh_importer_skips_unusable_pairs_with_a_warning(tmp_path, caplog, monke
     assert "hh.jsonl, line 1" in caplog.text and "is empty" in caplog.text
 
 
-def test_a_batch_of_groups_is_cut_to_its_longest_response(tokenizer):
+def test_a_batch_of_groups_is_cut_to_its_longest_row(tokenizer):
     groups = [PreferenceGroup("Q ", ["a", "b"], [0, 1]), PreferenceGroup("Q ", ["x " * 12, "y"], [1, 0]),
               PreferenceGroup("Q ", ["c", "d", "e"], [0, 1, 2])]
     rows = build_preference_rows(groups, tokenizer, max_length=64)
-    lengths = rows.attention_mask.sum(-1)  # [N, K]
-    full = rows.input_ids.shape[-1]
-    assert full == int(lengths.max()) == int(lengths[1].max())
+    assert rows.input_ids.shape[1] == int(rows.lengths.max()) == int(rows.lengths[1])
     batch = rows.rows(torch.tensor([2, 0]))
-    width = int(lengths[[2, 0]].max())
-    assert width < full and batch["input_ids"].shape == (2, 3, width)
-    assert torch.equal(batch["input_ids"], rows.input_ids[[2, 0], :, :width])
-    assert torch.equal(batch["attention_mask"].sum(-1), lengths[[2, 0]])  # no real token was cut
+    width = int(rows.lengths[[2, 0]].max())
+    assert width < rows.input_ids.shape[1] and batch["input_ids"].shape == (2, width)
+    for key in ("input_ids", "position_ids", "segment_ids"):
+        assert torch.equal(batch[key], getattr(rows, key)[[2, 0], :width])
+    assert torch.equal((batch["segment_ids"] != PAD_SEGMENT).sum(-1), rows.lengths[[2, 0]])  # nothing real cut
     assert batch["ranks"].tolist() == [[0, 1, 2], [0, 1, -1]]
+    assert torch.equal(batch["last_index"], rows.last_index[[2, 0]])

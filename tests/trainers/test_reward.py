@@ -7,10 +7,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from llmstack.config import RewardConfig, load_config
+from llmstack.data.chat import ensure_chat_template
+from llmstack.data.preference import PreferenceGroup, build_preference_rows, render
 from llmstack.data.synthetic import corpus, preferences
 from llmstack.data.text import train_tokenizer
+from llmstack.losses import ranking_loss_sum
 from llmstack.models.causal_lm import build_from_preset, save_model
-from llmstack.trainers.reward import load_reward_model, reward, sequence_scores
+from llmstack.trainers.reward import group_scores, load_reward_model, reward, sequence_scores
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,43 @@ def test_score_is_read_at_the_last_real_token_under_left_and_right_padding(backb
     torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(left, alone, rtol=1e-5, atol=1e-6)
     assert alone[0] != alone[1]
+
+
+def test_one_shared_prompt_pass_scores_and_trains_like_each_response_alone(backbone):
+    """The reference: every response scored as its own prompt + response sequence (sequence_scores), the
+    ranking loss on those scores and its gradient; the shared-prompt rows must give the same."""
+    path, tokenizer = backbone
+    ensure_chat_template(tokenizer)
+    groups = [PreferenceGroup("The fox and the owl. What is two plus two? ", ["Four.", "Nine, I think.", "Five"],
+                              [0, 2, 1]),
+              PreferenceGroup([{"role": "user", "content": "Where is the owl?"}], ["Near the river.", "Gone."],
+                              [1, 0], margin=0.5),
+              PreferenceGroup("", ["The crow sees the fox.", "The fox."], [0, 0])]
+    rows = build_preference_rows(groups, tokenizer, max_length=64)
+    batch = rows.rows(torch.arange(len(groups)))
+    model = load_reward_model(str(path), tokenizer, seed=0)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    alone = torch.zeros(3, 3)
+    for n, group in enumerate(groups):
+        for k, response in enumerate(group.responses):
+            ids = torch.tensor([render(tokenizer, group.prompt, response)])
+            alone[n, k] = sequence_scores(model, ids, torch.ones_like(ids))[0]
+    ranks = torch.tensor([[0, 2, 1], [1, 0, -1], [0, 0, -1]])
+    reference_loss = ranking_loss_sum(alone, ranks, torch.tensor([0.0, 0.5, 0.0]))
+    reference_grads = grads(reference_loss)
+
+    shared = group_scores(model, batch)
+    torch.testing.assert_close(shared, alone.detach(), rtol=1e-5, atol=1e-5)
+    loss = ranking_loss_sum(shared, batch["ranks"], batch["margins"])
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads(loss), reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert rows.stats["sharing_factor"] > 1.3  # the first group's long prompt is computed once, not thrice
 
 
 @pytest.mark.slow
