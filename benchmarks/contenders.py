@@ -1,26 +1,47 @@
-"""One contender of a comparison, run alone in this process (see run.py); prints one JSON line of results.
+"""The `pretrain` comparison's contenders, each run alone in this process (see run.py); prints one JSON line
+of results.
 
     python -m benchmarks.contenders NAME INIT_DIR DATA OUT_DIR SEQ BATCH STEPS WARMUP
 """
 
 from __future__ import annotations
 
-import json
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from llmstack.config import TrainConfig
+from benchmarks import common
 from llmstack.data import text
-from llmstack.data.batching import ShuffledBatches
 from llmstack.losses import causal_lm_loss_sum, count_targets
 from llmstack.models.causal_lm import load_causal_lm, load_tokenizer
 
-LR, WARMUP_STEPS, SEED, HELD_OUT_FRACTION = 3e-4, 2, 0, 0.05
+LR, WARMUP_STEPS, SEED, HELD_OUT_FRACTION = 3e-4, 2, common.SEED, 0.05
+
+DESCRIPTION = (
+    "Work: preset {preset}, vocabulary {vocab}, {batch} x {seq} tokens per step, {steps} steps (tokens/s is the "
+    "median over steps after the first {warmup}), fp32, {repeats} repeats each, every contender in its own "
+    "process from the same initial weights and the same packed blocks. Peak memory: the process's resident-set "
+    "high-water mark. Quality: mean next-token loss on the same held-out blocks after training. MFU: tokens/s x "
+    "the model's training FLOPs per token (6N + 12LHT) over this machine's measured fp32 matmul peak "
+    "({peak_gflops:,.0f} GFLOP/s, {threads} threads)."
+)
+
+NOTES = """Notes:
+- Both follow a cosine schedule after the same warm-up, but llmstack's decays to `train.min_lr_ratio` x lr
+  and the Trainer's to 0, so the later updates differ and so do the held-out losses; the first step, before
+  any update, gives the same loss to the last printed digit.
+- MFU counts the same FLOPs per token for both, so the MFU ratio is the tokens/s ratio."""
+
+
+def prepare(args, work: Path) -> dict:
+    """Once for all contenders: the tokenizer and the initial weights, saved where each process loads them."""
+    from llmstack.data import sources
+    from llmstack.models.causal_lm import build_from_preset, save_model
+
+    tokenizer = text.train_tokenizer(sources.iter_documents(args.data), args.vocab)
+    save_model(build_from_preset(args.preset, tokenizer, args.seq, seed=SEED), tokenizer, work / "init")
+    return {"data": args.data}
 
 
 def blocks(init: str, data: str, seq: int):
@@ -37,7 +58,7 @@ def held_out_loss(model_dir: str, held_out, limit: int = 16) -> float:
     return total / count_targets(labels)
 
 
-def llmstack_run(init, data, out, seq, batch, steps) -> tuple[list[float], list[float]]:
+def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
     from llmstack.config import PretrainConfig, load_config
     from llmstack.trainers.pretrain import pretrain
 
@@ -47,59 +68,32 @@ def llmstack_run(init, data, out, seq, batch, steps) -> tuple[list[float], list[
         f"train.max_steps={steps}", f"train.lr={LR}", f"train.warmup_steps={WARMUP_STEPS}", "train.log_every=1",
         "train.eval_every=0", f"train.save_every={steps}", "train.precision=fp32", "train.keep_last=1"])
     pretrain(cfg)
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [r["tokens_per_s"] for r in rows], [r["loss"] for r in rows]
+    return common.llmstack_steps(out)
 
 
-def hf_trainer_run(init, data, out, seq, batch, steps) -> tuple[list[float], list[float]]:
+def hf_trainer_run(init, data, out, seq, batch, steps) -> common.Steps:
     """A plain `transformers.Trainer` causal-LM run with llmstack's optimiser settings."""
     from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     train, _ = blocks(init, data, seq)
     # the rows in the order llmstack's sampler deals them, read sequentially: both contenders see the same
     # batches, so their losses can be compared step by step
-    ordered = [b for _, b in zip(range(steps), ShuffledBatches(train, batch, 0, 1, SEED))]
-    dataset = Dataset.from_dict({"input_ids": torch.cat([b["input_ids"] for b in ordered]).tolist(),
-                                 "labels": torch.cat([b["labels"] for b in ordered]).tolist()})
-    defaults = TrainConfig()
-    stamps: list[float] = []
+    order = common.dealing_order(len(train), batch, steps)
+    dataset = Dataset.from_dict({"input_ids": train.input_ids[order].tolist(), "labels": train.labels[order].tolist()})
+    clock = common.Clock()
+    args = common.trainer_arguments(TrainingArguments, out, batch, steps, LR, WARMUP_STEPS,
+                                    lr_scheduler_type="cosine")
+    trainer = Trainer(model=load_causal_lm(init), args=args, train_dataset=dataset, callbacks=[clock])
+    return common.trainer_steps(trainer, clock, out, tokens=[batch * seq] * steps)
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if not stamps:
-                stamps.append(time.perf_counter())
 
-        def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
-
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=LR,
-                             warmup_steps=WARMUP_STEPS, lr_scheduler_type="cosine",
-                             weight_decay=defaults.weight_decay, adam_beta1=defaults.adam_betas[0],
-                             adam_beta2=defaults.adam_betas[1], max_grad_norm=defaults.max_grad_norm,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=SEED,
-                             dataloader_num_workers=0, train_sampling_strategy="sequential")
-    trainer = Trainer(model=load_causal_lm(init), args=args, train_dataset=dataset, callbacks=[Clock()])
-    trainer.train()
-    trainer.save_model(str(Path(out) / "model"))
-    speeds = [batch * seq / (b - a) for a, b in zip(stamps, stamps[1:])]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return speeds, losses
+def quality(init: str, data: str, model_dir: str, seq: int) -> dict:
+    return {"held_out_loss": held_out_loss(model_dir, blocks(init, data, seq)[1])}
 
 
 CONTENDERS = {"llmstack": llmstack_run, "hf-trainer": hf_trainer_run}
 
 
-def main(argv: list[str]) -> None:
-    name, init, data, out, seq, batch, steps, warmup = argv
-    seq, batch, steps, warmup = int(seq), int(batch), int(steps), int(warmup)
-    speeds, losses = CONTENDERS[name](init, data, out, seq, batch, steps)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    _, held_out = blocks(init, data, seq)
-    print(json.dumps({"tokens_per_s": statistics.median(speeds[warmup:] or speeds), "peak_rss_mib": peak_mib,
-                      "first_loss": losses[0], "last_loss": losses[-1],
-                      "held_out_loss": held_out_loss(str(Path(out) / "model"), held_out)}))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.main(sys.argv[1:], CONTENDERS, quality)

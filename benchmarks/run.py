@@ -1,60 +1,157 @@
 """Side-by-side comparisons: each contender in its own process, on the same initial weights, data, shapes,
-precision and step count; steady-state tokens/s, peak memory and the quality reached, written as a table.
+precision and step count; steady-state throughput, peak memory and the quality reached, written as a table.
 
     python -m benchmarks pretrain [--data FILE] [--steps N] [--repeats N] ...
+    python -m benchmarks sft [--data FILE] ...
+    python -m benchmarks reward [--data FILE] ...
 
-Comparisons written so far: `pretrain` (llmstack's pretraining stage vs a plain `transformers.Trainer`
-causal-LM run). Results go to benchmarks/results/<comparison>.md.
+Comparisons: `pretrain` (llmstack's pretraining stage vs a plain `transformers.Trainer` causal-LM run), `sft`
+(llmstack's SFT stage vs TRL's `SFTTrainer`, packing off and on), `reward` (llmstack's reward stage vs TRL's
+`RewardTrainer`). Results go to benchmarks/results/<comparison>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHARED_DATA = HERE.parents[1] / "shared" / "data"
+
+
+@dataclass
+class Column:
+    """One table column: the median over repeats of result `key`, with its min-max spread (`spread`), or as a
+    ratio to the first contender's median (`relative`); `{base}` in the header names that contender."""
+
+    header: str
+    key: str
+    fmt: str
+    spread: bool = False
+    relative: bool = False
+
+
+@dataclass
+class Comparison:
+    """`module` runs one contender (python -m MODULE NAME INIT DATA OUT SEQ BATCH STEPS WARMUP) and defines
+    `prepare(args, work)`, which writes what every contender loads and returns {"data": what they read, ...facts
+    for the table's description}, `DESCRIPTION`, the work paragraph of the table, and optionally `NOTES`, what
+    profiles showed, written under it."""
+
+    module: str
+    contenders: str
+    data: Path
+    columns: list[Column]
+    pairs: tuple[tuple[str, str], ...] = ()  # (llmstack's, the other's): ratios written under the table
+    mfu: bool = False  # a causal LM: each contender's MFU from its tokens/s against the measured matmul peak
+    real_models: bool = False  # `--model smollm2` can stand in for the fresh preset
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+def _with_losses(*quality: Column) -> list[Column]:
+    return [Column("peak RSS (MiB)", "peak_rss_mib", ",.0f"), Column("first loss", "first_loss", ".4f"), *quality]
+
+
+def _speed(key: str) -> Column:
+    return Column("speed vs {base}", key, ".2f", relative=True)
+
+
+MEMORY = Column("memory vs {base}", "peak_rss_mib", ".2f", relative=True)
+LOAD = Column("load (1-min average at the end)", "load", ".1f", spread=True)
+HELD_OUT_LOSS = Column("held-out loss", "held_out_loss", ".4f")
+MFU = Column("MFU", "mfu", ".1%")
+COMPARISONS = {
+    "pretrain": Comparison(
+        "benchmarks.contenders", "llmstack,hf-trainer", SHARED_DATA / "tinyshakespeare" / "input.txt",
+        [Column("tokens/s (median, min-max)", "tokens_per_s", ",.0f", spread=True),
+         _speed("tokens_per_s"), MFU, *_with_losses(HELD_OUT_LOSS), LOAD], mfu=True),
+    "sft": Comparison(
+        "benchmarks.sft_contenders", "llmstack,trl,llmstack-packed,trl-packed",
+        SHARED_DATA / "oasst_en100" / "en_100_tree.jsonl",
+        [Column("real tokens/s (median, min-max)", "tokens_per_s", ",.0f", spread=True),
+         _speed("tokens_per_s"), MFU, Column("real tokens/step", "tokens_per_step", ",.0f"),
+         Column("padding share", "padding_share", ".0%"), MEMORY, *_with_losses(HELD_OUT_LOSS), LOAD],
+        pairs=(("llmstack", "trl"), ("llmstack-packed", "trl-packed")), mfu=True),
+    "reward": Comparison(
+        "benchmarks.reward_contenders", "llmstack,trl", SHARED_DATA / "hh_rlhf_harmless_base" / "test.jsonl.gz",
+        [Column("pairs/s (median, min-max)", "items_per_s", ",.2f", spread=True),
+         Column("scored tokens/s (median, min-max)", "tokens_per_s", ",.0f", spread=True),
+         _speed("items_per_s"), Column("positions run / step", "positions_per_step", ",.0f"),
+         MEMORY, *_with_losses(HELD_OUT_LOSS, Column("held-out accuracy", "held_out_accuracy", ".3f")), LOAD],
+        pairs=(("llmstack", "trl"),), real_models=True),
+}
 
 
 def _args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("comparison", choices=["pretrain"])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="a text file (default: tinyshakespeare)")
+    parser.add_argument("comparison", choices=list(COMPARISONS))
+    parser.add_argument("--data", help="pretrain: a text file (default: tinyshakespeare); sft: OASST message "
+                        "trees or llmstack chat JSONL (default: oasst_en100); reward: Anthropic HH pairs "
+                        "(default: hh_rlhf_harmless_base)")
+    parser.add_argument("--model", choices=["fresh", "smollm2"], default="fresh",
+                        help="fresh: the --preset with fresh weights and a --vocab tokenizer trained on the data; "
+                        "smollm2 (reward only): the pretrained SmolLM2-135M-Instruct with its own tokenizer, "
+                        "written to results/<comparison>-smollm2.md")
     parser.add_argument("--preset", default="llama-25m")
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512, help="tokens per row (pretrain, packed SFT) or the "
+                        "longest conversation or prompt + response")
+    parser.add_argument("--batch", type=int, default=8, help="rows, conversations or pairs per step")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the tokens/s median")
+    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the throughput median")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--contenders", default="llmstack,hf-trainer")
+    parser.add_argument("--contenders", help="comma-separated subset, in table order (default: all)")
     parser.add_argument("--work", default="runs/benchmarks")
     parser.add_argument("--out", default=str(HERE / "results"))
     return parser.parse_args(argv)
 
 
-def prepare(args, work: Path) -> None:
-    """Once for all contenders: the tokenizer and the initial weights, saved where each process loads them."""
-    from llmstack.data import sources, text
-    from llmstack.models.causal_lm import build_from_preset, save_model
+def prepare(comparison: Comparison, args, work: Path) -> dict:
+    """Once for all contenders and kept for later runs with the same settings: what they load and read."""
+    settings = {k: getattr(args, k) for k in ("data", "model", "preset", "vocab", "seq")}
+    done = work / "prepared.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved["settings"] == settings:
+            return saved["facts"]
+    facts = comparison.load().prepare(args, work)
+    done.write_text(json.dumps({"settings": settings, "facts": facts}))
+    return facts
 
-    if (work / "init" / "config.json").is_file():
-        return
-    tokenizer = text.train_tokenizer(sources.iter_documents(args.data), args.vocab)
-    save_model(build_from_preset(args.preset, tokenizer, args.seq, seed=0), tokenizer, work / "init")
+
+def throughput_facts(work: Path, seq: int) -> dict:
+    """The initial model's training FLOPs per token at `seq` and this machine's fp32 matmul peak, measured now
+    (not kept with the prepared files: the peak is the machine's at the time of the run)."""
+    import torch
+
+    from llmstack.models.causal_lm import load_causal_lm, matmul_params
+    from llmstack.tracking.mfu import measure_gemm_flops, transformer_flops_per_token
+
+    model = load_causal_lm(str(work / "init"))
+    flops = transformer_flops_per_token(matmul_params(model), model.config.num_hidden_layers,
+                                        model.config.hidden_size, seq)
+    peak = measure_gemm_flops(torch.device("cpu"), torch.float32, seconds=2.0)
+    return {"flops_per_token": flops, "peak_gflops": peak / 1e9, "threads": torch.get_num_threads()}
 
 
-def run_contender(name: str, args, work: Path, repeat: int) -> dict:
+def run_contender(comparison: Comparison, name: str, args, work: Path, data: str, repeat: int) -> dict:
     out = work / f"{name}-{repeat}"
-    cmd = [sys.executable, "-m", "benchmarks.contenders", name, str(work / "init"), args.data, str(out),
+    # llmstack reports a finished run directory instead of training again, so every run starts from none
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", comparison.module, name, str(work / "init"), data, str(out),
            str(args.seq), str(args.batch), str(args.steps), str(args.warmup)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
@@ -70,30 +167,49 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    try:
+        import trl
+
+        others = f", trl {trl.__version__}"
+    except ImportError:
+        others = ""
     return (f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; torch {torch.__version__} ({torch.get_num_threads()} "
-            f"threads), transformers {transformers.__version__}, Python {platform.python_version()}")
+            f"threads), transformers {transformers.__version__}{others}, Python {platform.python_version()}")
 
 
-def write_table(args, results: dict[str, list[dict]], path: Path, command: str) -> str:
-    base = statistics.median(r["tokens_per_s"] for r in results[next(iter(results))])
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _cell(column: Column, runs: list[dict], base: list[dict]) -> str:
+    if column.relative:
+        return f"{_median(runs, column.key) / _median(base, column.key):{column.fmt}}x"
+    values = [r[column.key] for r in runs]
+    cell = f"{statistics.median(values):{column.fmt}}"
+    return f"{cell} ({min(values):{column.fmt}}-{max(values):{column.fmt}})" if column.spread else cell
+
+
+def _ratios(comparison: Comparison, results: dict[str, list[dict]]) -> list[str]:
+    speed = next(c.key for c in comparison.columns if c.header.startswith("speed"))
+    ratio = lambda ours, theirs, key: _median(results[ours], key) / _median(results[theirs], key)  # noqa: E731
+    lines = [f"- {ours} / {theirs}: speed {ratio(ours, theirs, speed):.2f}x, peak memory "
+             f"{ratio(ours, theirs, 'peak_rss_mib'):.2f}x" for ours, theirs in comparison.pairs
+             if ours in results and theirs in results]
+    return [""] + lines if lines else []
+
+
+def write_table(args, comparison: Comparison, results: dict[str, list[dict]], facts: dict, path: Path,
+                command: str) -> str:
+    first = next(iter(results))
+    headers = [c.header.format(base=first) for c in comparison.columns]
+    description = comparison.load().DESCRIPTION.format(**{**vars(args), **facts})
     lines = [f"# {args.comparison}: side by side", "", f"Machine: {machine()}", "", f"Command: `{command}`",
-             f"({time.strftime('%Y-%m-%d')})", "",
-             f"Work: preset {args.preset}, vocabulary {args.vocab}, {args.batch} x {args.seq} tokens per step, "
-             f"{args.steps} steps (tokens/s is the median over steps after the first {args.warmup}), fp32, "
-             f"{args.repeats} repeats each, every contender in its own process from the same initial weights "
-             "and the same packed blocks. Peak memory: the process's resident-set high-water mark. Quality: "
-             "mean next-token loss on the same held-out blocks after training.", "",
-             f"| contender | tokens/s (median, min-max) | speed vs {next(iter(results))} | peak RSS (MiB) | "
-             "first loss | held-out loss |",
-             "|---|---|---|---|---|---|"]
+             f"({time.strftime('%Y-%m-%d')})", "", description, "",
+             "| contender | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for name, runs in results.items():
-        speed = [r["tokens_per_s"] for r in runs]
-        med = statistics.median(speed)
-        lines.append(f"| {name} | {med:,.0f} ({min(speed):,.0f}-{max(speed):,.0f}) | {med / base:.2f}x | "
-                     f"{statistics.median(r['peak_rss_mib'] for r in runs):,.0f} | "
-                     f"{statistics.median(r['first_loss'] for r in runs):.4f} | "
-                     f"{statistics.median(r['held_out_loss'] for r in runs):.4f} |")
-    text = "\n".join(lines) + "\n"
+        lines.append(f"| {name} | " + " | ".join(_cell(c, runs, results[first]) for c in comparison.columns) + " |")
+    notes = getattr(comparison.load(), "NOTES", "")
+    text = "\n".join(lines + _ratios(comparison, results) + (["", notes.strip()] if notes else [])) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
@@ -101,14 +217,28 @@ def write_table(args, results: dict[str, list[dict]], path: Path, command: str) 
 
 def main(argv=None) -> None:
     args = _args(argv)
-    work = Path(args.work) / args.comparison
+    comparison = COMPARISONS[args.comparison]
+    args.data = args.data or str(comparison.data)
+    if not Path(args.data).exists():
+        raise SystemExit(f"python -m benchmarks {args.comparison}: data file not found: {args.data} "
+                         "(pass --data FILE; see benchmarks/README.md)")
+    if args.model != "fresh" and not comparison.real_models:
+        raise SystemExit(f"python -m benchmarks {args.comparison}: --model {args.model} is for "
+                         f"{', '.join(n for n, c in COMPARISONS.items() if c.real_models)} only")
+    table = args.comparison if args.model == "fresh" else f"{args.comparison}-{args.model}"
+    work = Path(args.work) / table
     work.mkdir(parents=True, exist_ok=True)
-    prepare(args, work)
-    names = args.contenders.split(",")
+    facts = prepare(comparison, args, work)
+    if comparison.mfu:
+        facts.update(throughput_facts(work, args.seq))
+    names = (args.contenders or comparison.contenders).split(",")
     results = {name: [] for name in names}
     for repeat in range(args.repeats):
         for name in names:  # interleaved, so drift in the machine's speed hits every contender alike
-            results[name].append(run_contender(name, args, work, repeat))
+            result = run_contender(comparison, name, args, work, facts["data"], repeat)
+            if comparison.mfu:
+                result["mfu"] = result["tokens_per_s"] * facts["flops_per_token"] / (facts["peak_gflops"] * 1e9)
+            results[name].append(result)
             print(f"[bench] {name} repeat {repeat}: {results[name][-1]}", file=sys.stderr)
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(write_table(args, results, Path(args.out) / f"{args.comparison}.md", command))
+    print(write_table(args, comparison, results, facts, Path(args.out) / f"{table}.md", command))

@@ -1,9 +1,18 @@
 """The benchmark harness on a minimal size: both contenders run in their own processes from the same start,
-and the results table is written."""
+and the results table is written. The SFT and reward contenders run in this process on a tiny model and
+data made here: llmstack and TRL must start from the same weights and see the same batches, so their losses
+agree step by step."""
+
+import argparse
+import gzip
+import json
 
 import pytest
 
+from benchmarks import reward_contenders, run, sft_contenders
 from benchmarks.run import main
+from llmstack.data import chat, text
+from llmstack.losses import IGNORE_INDEX
 
 
 @pytest.mark.slow
@@ -19,5 +28,142 @@ def test_pretrain_comparison_starts_both_contenders_from_the_same_weights(tmp_pa
     assert set(rows) == {"llmstack", "hf-trainer"}
     # same initial weights and the same first batch: the first step's loss agrees across the two processes
     # (to the 4 decimals printed; the next batches of this corpus start 0.1 higher)
-    assert rows["llmstack"][3] == rows["hf-trainer"][3]
-    assert all(float(r[4]) > 0 for r in rows.values())
+    assert rows["llmstack"][4] == rows["hf-trainer"][4]
+    assert all(float(r[5]) > 0 for r in rows.values())
+    assert all(0 < float(r[2].rstrip("%")) < 100 for r in rows.values())  # MFU
+
+
+SEQ, BATCH, STEPS = 64, 4, 3
+
+
+def _settings(data, seq=SEQ):
+    return argparse.Namespace(data=str(data), model="fresh", preset="llama-1m", vocab=400, seq=seq)
+
+
+def _train_all(module, work, facts, names):
+    steps, scores = {}, {}
+    for name in names:
+        out = work / name
+        steps[name] = module.CONTENDERS[name](str(work / "init"), facts["data"], str(out), SEQ, BATCH, STEPS)
+        scores[name] = module.quality(str(work / "init"), facts["data"], str(out / "model"), SEQ)
+    return steps, scores
+
+
+def test_sft_contenders_train_identically_on_the_same_batches(tmp_path):
+    conversations = [[{"role": "user", "content": f"What is {i} plus {i % 7}?"},
+                      {"role": "assistant", "content": f"{i} plus {i % 7} is {i + i % 7}." + " Sure." * (i % 5)}]
+                     for i in range(60)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    facts = sft_contenders.prepare(_settings(data), tmp_path)
+    steps, scores = _train_all(sft_contenders, tmp_path, facts, list(sft_contenders.CONTENDERS))
+
+    ours, trl = steps["llmstack"], steps["trl"]
+    # same weights, batches, masks and learning rates: every step's loss agrees, and so does the model reached
+    assert ours.losses == pytest.approx(trl.losses, abs=1e-4)
+    assert scores["llmstack"]["held_out_loss"] == pytest.approx(scores["trl"]["held_out_loss"], abs=1e-4)
+    # the same real tokens per step, and both run each batch padded to its longest conversation only
+    assert ours.tokens == trl.tokens
+    assert ours.positions == trl.positions
+    assert all(t < p < BATCH * SEQ for t, p in zip(trl.tokens, trl.positions))
+    # packed, each packs its own way: both train, and TRL's padding-free rows hold no padding
+    assert steps["trl-packed"].positions == steps["trl-packed"].tokens
+    for name in ("llmstack-packed", "trl-packed"):
+        assert steps[name].losses[-1] < steps[name].losses[0]
+        assert scores[name]["held_out_loss"] < ours.losses[0]
+
+
+def test_sft_template_marks_the_answers_for_trl_without_changing_llmstack_text():
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there?"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"},
+                    {"role": "assistant", "content": "Still here."}]
+    tokenizer = text.train_tokenizer([m["content"] for m in conversation] * 20, 300)
+    tokenizer.chat_template = chat.DEFAULT_CHAT_TEMPLATE
+    plain = tokenizer.apply_chat_template(conversation, tokenize=False)
+    tokenizer.chat_template = sft_contenders.CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == plain
+    # TRL's assistant mask (what `assistant_only_loss` trains on) is exactly llmstack's answer labels
+    marked = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+    ids, labels = chat.tokenize_conversation(tokenizer, conversation)
+    assert marked["input_ids"] == ids
+    assert [t if m else IGNORE_INDEX for t, m in zip(ids, marked["assistant_masks"])] == labels
+
+
+def test_oasst_trees_become_human_paths_cut_back_to_their_last_answer(tmp_path):
+    def message(role, content, *replies, synthetic=False):
+        return {"role": role, "text": content, "synthetic": synthetic, "replies": list(replies)}
+
+    tree = message("prompter", "Q", message("assistant", "A1", message("prompter", "Q2")),
+                   message("assistant", "A2", message("prompter", "Q3", message("assistant", "A3"))),
+                   message("assistant", "bot", synthetic=True))
+    path = tmp_path / "trees.jsonl"
+    path.write_text(json.dumps({"message_tree_id": "t", "prompt": tree}) + "\n")
+    conversations, source = sft_contenders.read_conversations(str(path))
+    assert source == sft_contenders.TREE_SOURCE
+    assert [[m["content"] for m in c] for c in conversations] == [["Q", "A1"], ["Q", "A2", "Q3", "A3"]]
+    assert conversations[0][0]["role"] == "user" and conversations[0][1]["role"] == "assistant"
+
+
+def test_reward_contenders_train_identically_on_the_same_pairs(tmp_path):
+    pairs = [{"chosen": f"\n\nHuman: What is {i} plus {i % 7}?\n\nAssistant: It is {i + i % 7}.",
+              "rejected": f"\n\nHuman: What is {i} plus {i % 7}?\n\nAssistant: No idea" + "!" * (i % 4)}
+             for i in range(60)]
+    pairs.append({"chosen": "\n\nHuman: Say a lot.\n\nAssistant: " + "word " * 200,
+                  "rejected": "\n\nHuman: Say a lot.\n\nAssistant: No."})
+    data = tmp_path / "hh.jsonl.gz"
+    with gzip.open(data, "wt") as fh:
+        fh.write("".join(json.dumps(p) + "\n" for p in pairs))
+    facts = reward_contenders.prepare(_settings(data), tmp_path)
+    # the pair over SEQ tokens is left out for both (TRL would drop it, llmstack would cut it)
+    assert (facts["read"], facts["pairs"]) == (61, 60)
+    steps, scores = _train_all(reward_contenders, tmp_path, facts, ["llmstack", "trl"])
+
+    ours, trl = steps["llmstack"], steps["trl"]
+    assert ours.losses == pytest.approx(trl.losses, abs=1e-4)
+    # the same scored sequences; llmstack runs each pair's prompt once, TRL once per response
+    assert ours.tokens == trl.tokens and ours.items == trl.items == [BATCH] * STEPS
+    assert all(o < t for o, t in zip(ours.positions, trl.positions))
+    assert scores["llmstack"] == pytest.approx(scores["trl"], abs=1e-4)
+
+
+def test_a_missing_data_file_is_named(tmp_path):
+    missing = tmp_path / "nowhere" / "test.jsonl.gz"
+    with pytest.raises(SystemExit, match=str(missing)):
+        main(["reward", "--data", str(missing), "--work", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_real_model_is_refused_where_the_comparison_has_none(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The fox sees the owl.")
+    with pytest.raises(SystemExit, match="--model smollm2 is for reward only"):
+        main(["pretrain", "--data", str(corpus), "--model", "smollm2", "--work", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()
+
+
+def test_each_comparison_writes_its_own_columns_and_the_pairwise_ratios(tmp_path):
+    def result(speed, memory):
+        return {"tokens_per_s": speed, "items_per_s": speed / 100, "peak_rss_mib": memory, "first_loss": 10.0,
+                "tokens_per_step": 3000, "padding_share": 0.25, "positions_per_step": 4000, "held_out_loss": 9.0, "held_out_accuracy": 0.5,
+                "load": 1.0, "mfu": speed / 10000}
+
+    results = {"llmstack": [result(1300, 1000), result(1500, 1000)], "trl": [result(1000, 2000)] * 2,
+               "llmstack-packed": [result(2000, 1000)], "trl-packed": [result(1000, 1000)]}
+    args = argparse.Namespace(comparison="sft", preset="p", vocab=32000, seq=512, batch=8, steps=12, warmup=4,
+                              repeats=2)
+    facts = {"conversations": 547, "held_out": 27, "vocabulary": 17921, "source": "s", "lr": 1e-4,
+             "peak_gflops": 80.0, "threads": 2}
+    table = run.write_table(args, run.COMPARISONS["sft"], results, facts, tmp_path / "sft.md", "command")
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| contender"))
+    assert "| real tokens/s (median, min-max) | speed vs llmstack |" in header and "memory vs llmstack" in header
+    assert lines[lines.index(header) + 2].startswith("| llmstack | 1,400 (1,300-1,500) | 1.00x | 14.0% |")
+    assert "- llmstack / trl: speed 1.40x, peak memory 0.50x" in lines
+    assert "- llmstack-packed / trl-packed: speed 2.00x, peak memory 1.00x" in lines
+    assert "547 conversations" in table
+    args.comparison = "pretrain"
+    pretrain = run.write_table(args, run.COMPARISONS["pretrain"], {"llmstack": results["llmstack"]}, facts,
+                               tmp_path / "pretrain.md", "command")
+    assert ("| contender | tokens/s (median, min-max) | speed vs llmstack | MFU | peak RSS (MiB) | first loss | "
+            "held-out loss | load (1-min average at the end) |") in pretrain.splitlines()
+    assert "(80 GFLOP/s, 2 threads)" in pretrain

@@ -1,0 +1,3 @@
+from benchmarks.ppo.run import main
+
+main()
