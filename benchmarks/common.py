@@ -66,6 +66,13 @@ def trainer_arguments(config_class, out: str, batch: int, steps: int, lr: float,
 # llmstack's `linear` schedule reproduces exactly with min_lr_ratio 0, so every update uses the same rate.
 TRAINER_SCHEDULE = dict(lr_scheduler_type="linear")
 LLMSTACK_SCHEDULE = ["train.schedule=linear", "train.min_lr_ratio=0", "train.warmup_steps=0"]
+# how the TRL comparisons align the two trainers, in the words of their tables
+ALIGNED_SETTINGS = (
+    "{steps} steps (rates are medians over the steps after the first {warmup}), fp32, lr {lr:g} decaying linearly "
+    "to 0 without warm-up (the Trainer's default, which llmstack's `linear` schedule with `min_lr_ratio=0` "
+    "matches exactly), llmstack's AdamW settings in both, no gradient checkpointing in either (TRL's default "
+    "would turn it on), {repeats} repeats each, interleaved, every contender in its own process"
+)
 
 
 class _Indices:

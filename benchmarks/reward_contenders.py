@@ -24,13 +24,10 @@ from llmstack.models.causal_lm import build_from_preset, load_tokenizer, save_mo
 LR, HELD_OUT_FRACTION = 1e-5, 0.1
 
 DESCRIPTION = (
-    "Work: {backbone} under a one-output score head, {pairs} Anthropic HH harmless-base pairs (of {read} usable; the others "
-    "have a response over {seq} tokens, which TRL drops and llmstack cuts, so neither gets them), {held_out} of "
-    "them held out, {batch} pairs per step, {steps} steps (rates are medians over the steps after the first "
-    "{warmup}), fp32, lr {lr:g} decaying linearly to 0 without warm-up (the Trainer's default, which llmstack's "
-    "`linear` schedule with `min_lr_ratio=0` matches exactly), llmstack's AdamW settings in both, no gradient "
-    "checkpointing in either (TRL's default would turn it on), {repeats} repeats each, interleaved, every "
-    "contender in its own process. Both load the same saved reward model (llmstack's score-head initialisation on "
+    "Work: {backbone} under a one-output score head, {pairs} Anthropic HH harmless-base pairs (of {read} usable; "
+    "the others have a response over {seq} tokens, which TRL drops and llmstack cuts, so neither gets them), {held_out} of "
+    "them held out, {batch} pairs per step, " + common.ALIGNED_SETTINGS + (
+    ". Both load the same saved reward model (llmstack's score-head initialisation on "
     "that backbone), read the same pairs in the same batches and score the same token ids: the "
     "prompt rendered with llmstack's chat template up to the answer header, the response, EOS. TRL gets these as "
     "`chosen_ids`/`rejected_ids`, since its own rendering of a conversation ends on the template's newline after "
@@ -38,10 +35,10 @@ DESCRIPTION = (
     "runs each pair as one row, the prompt once and then both responses (each attending to the prompt and "
     "itself, with the positions it has alone), each row padded to the batch's longest. Scored tokens: the "
     "tokens of every (prompt + response) sequence, the same work for both; positions run: the size of what "
-    "each trainer's model actually processed per step, padding included. Peak memory: the process's resident-set high-water "
-    "mark. Held-out loss and accuracy: the Bradley-Terry loss and the share of held-out pairs whose chosen "
-    "response scores higher, one response per forward, the same function for every contender."
-)
+    "each trainer's model actually processed per step, padding included. Peak memory: the process's resident-set "
+    "high-water mark. Held-out loss and accuracy: the Bradley-Terry loss and the share of held-out pairs whose "
+    "chosen response scores higher, one response per forward, the same function for every contender."
+))
 
 NOTES = """Notes:
 - Both trainers spend nearly all of a step in the same transformers forward and backward (a cProfile of

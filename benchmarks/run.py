@@ -74,7 +74,7 @@ HELD_OUT_LOSS = Column("held-out loss", "held_out_loss", ".4f")
 MFU = Column("MFU", "mfu", ".1%")
 COMPARISONS = {
     "pretrain": Comparison(
-        "benchmarks.contenders", "llmstack,hf-trainer", SHARED_DATA / "tinyshakespeare" / "input.txt",
+        "benchmarks.contenders", "llmstack,hf-trainer", SHARED_DATA / "gutenberg",
         [Column("tokens/s (median, min-max)", "tokens_per_s", ",.0f", spread=True),
          _speed("tokens_per_s"), MFU, *_with_losses(HELD_OUT_LOSS), LOAD], mfu=True),
     "sft": Comparison(
@@ -98,7 +98,8 @@ def _args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("comparison", choices=list(COMPARISONS))
-    parser.add_argument("--data", help="pretrain: a text file (default: tinyshakespeare); sft: OASST message "
+    parser.add_argument("--data", help="pretrain: a text file or folder (default: the gutenberg novels, enough text "
+                        "for a 32k vocabulary); sft: OASST message "
                         "trees or llmstack chat JSONL (default: oasst_en100); reward: Anthropic HH pairs "
                         "(default: hh_rlhf_harmless_base)")
     parser.add_argument("--model", choices=["fresh", "smollm2"], default="fresh",

@@ -38,11 +38,8 @@ CHAT_TEMPLATE = (
 DESCRIPTION = (
     "Work: preset {preset}, vocabulary {vocabulary} (a byte-level BPE trained on the conversations, up to {vocab} "
     "asked for), {conversations} conversations ({source}), {held_out} of them held out, at most {seq} tokens each "
-    "(longer ones cut), {batch} rows per step, {steps} steps (rates are medians over the steps after the first "
-    "{warmup}), fp32, lr {lr:g} decaying linearly to 0 without warm-up (the Trainer's default, which llmstack's "
-    "`linear` schedule with `min_lr_ratio=0` matches exactly), llmstack's AdamW settings in both, no gradient "
-    "checkpointing in either (TRL's default would turn it on), {repeats} repeats each, interleaved, every "
-    "contender in its own process from the same initial weights. Loss on the answers and their EOS only, with the "
+    "(longer ones cut), {batch} rows per step, " + common.ALIGNED_SETTINGS + (
+    " from the same initial weights. Loss on the answers and their EOS only, with the "
     "same template and the same token ids: TRL tokenizes the messages itself (`assistant_only_loss=True`, from "
     "the template's `{{% generation %}}` markers). Unpacked, both read the same conversations in the same batches "
     "(each pads a batch to its longest conversation), so their losses agree step by step. "
@@ -54,7 +51,7 @@ DESCRIPTION = (
     "GFLOP/s, {threads} threads). Peak memory: the process's resident-set high-water mark. Held-out loss: "
     "mean answer-token loss of the saved model on the held-out conversations, one conversation per forward, the "
     "same function for every contender."
-)
+))
 
 NOTES = """Notes:
 - Where TRL's unpacked step goes (torch.profiler, one 8 x 512 forward and backward on the same batch,

@@ -49,7 +49,7 @@ NOTES = """\
   projects only the response positions, in chunks, and never holds the [B, R, V] logits.
 - Optimisers: TRL trains the policy and the value model with one AdamW over both (loss = policy loss +
   `vf_coef` x value loss, `vf_coef` = 0.1, its default) and the transformers default `adamw_torch_fused`;
-  llmstack uses two `torch.optim.AdamW` (policy, value), each with its own backward, and the value loss
+  llmstack uses two fused `torch.optim.AdamW` (policy, value), each with its own backward, and the value loss
   unscaled. Both at the same learning rate; Adam's update barely depends on a loss's scale.
 - Where the score lands: TRL adds the reward-model score one position after the response's EOS token (when
   the response ends before the length limit) and runs GAE over the padded length; llmstack adds it on the
@@ -73,6 +73,27 @@ KL penalty in the per-token reward with the k1 estimator and a fixed coefficient
 controller off); clip ranges, gamma, lambda; advantages whitened over the rollout, rewards not
 normalised, whitened or clipped, no missing-EOS penalty; fp32, no gradient checkpointing, no extra
 evaluation sampling (TRL's `num_sample_generations` = 0).
+
+## Where the time goes
+
+`py-spy record -r 50 -f raw` around each worker on the tiny model (5 steps, 2 threads, 2026-12-01), samples
+per step by the innermost phase named on the stack (loading the four models counts as other):
+
+| phase | llmstack (s / step) | TRL 1.12 (s / step) |
+|---|---|---|
+| generation | 0.66 | 0.75 |
+| model forward passes (scoring and update) | 0.86 | 0.98 |
+| backward | 1.04 | 1.27 |
+| optimiser steps | 0.34 | 0.28 |
+
+Both trainers run the same transformers model code over the same tokens, and its forward and backward
+passes are three quarters of either's step, so the step time can only differ by what the trainers add:
+llmstack projects only the response positions onto the vocabulary, in chunks (smaller forward and backward),
+and does not collect garbage every step; it runs two optimisers (policy and value, 8 fused AdamW steps per
+PPO step) where TRL runs one over both models, and one extra no-grad policy forward in scoring. With a
+135M-parameter model the vocabulary projection is a smaller share of the work, and the two come out even.
+A step at half of TRL's time would need less model computation than the same PPO algorithm requires on
+these tokens.
 """
 
 
