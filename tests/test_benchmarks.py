@@ -144,7 +144,8 @@ def test_a_real_model_is_refused_where_the_comparison_has_none(tmp_path):
 def test_each_comparison_writes_its_own_columns_and_the_pairwise_ratios(tmp_path):
     def result(speed, memory):
         return {"tokens_per_s": speed, "items_per_s": speed / 100, "peak_rss_mib": memory, "first_loss": 10.0,
-                "tokens_per_step": 3000, "padding_share": 0.25, "positions_per_step": 4000, "held_out_loss": 9.0, "held_out_accuracy": 0.5,
+                "tokens_per_step": 3000, "padding_share": 0.25, "positions_per_step": 4000, "held_out_loss": 9.0,
+                "held_out_accuracy": 0.5,
                 "load": 1.0, "mfu": speed / 10000}
 
     results = {"llmstack": [result(1300, 1000), result(1500, 1000)], "trl": [result(1000, 2000)] * 2,
