@@ -86,6 +86,21 @@ class _Indices:
         return index.tolist()
 
 
+def tokenizer_texts(texts, extra: str | None):
+    """`texts`, then the documents of `extra` (a file or folder) when given: a few thousand conversations hold
+    too few distinct words for a 32k vocabulary, which is what the comparisons are meant to run at."""
+    from llmstack.data import sources
+
+    yield from texts
+    if extra:
+        yield from sources.iter_documents(extra)
+
+
+def also(extra: str | None) -> str:
+    """How a table names the extra tokenizer text."""
+    return f" and `{Path(extra).name}`" if extra else ""
+
+
 def dealing_order(n_rows: int, batch: int, steps: int) -> list[int]:
     """Row indices in the order llmstack's sampler deals `steps` batches of `batch` out of `n_rows` rows, so
     a Trainer reading its dataset in order sees the same batches."""

@@ -43,7 +43,7 @@ DESCRIPTION = (
 NOTES = """Notes:
 - Both trainers spend nearly all of a step in the same transformers forward and backward (a cProfile of
   llmstack's stage scoring each prompt + response separately, 2026-12-01: 1.0 s forward and 1.5 s backward
-  of a 2.5 s step of 8 pairs, against TRL's 2.5 s median), so the trainers' own work barely differs. What
+  of a 2.5 s step of 8 pairs, about TRL's step time), so the trainers' own work barely differs. What
   llmstack changes is how much the model runs: HH prompts are whole dialogues and the answers short, so
   computing each prompt once for both of its answers cuts the positions run per step, and with them the
   time and the activation memory.
@@ -63,10 +63,10 @@ def prepare(args, work: Path) -> dict:
             described = f"{smollm2.LABEL}, with its own {len(tokenizer):,}-token tokenizer and chat template"
         else:
             texts = (piece for g in groups for piece in [m["content"] for m in g.prompt] + g.responses)
-            tokenizer = text.train_tokenizer(texts, args.vocab)
+            tokenizer = text.train_tokenizer(common.tokenizer_texts(texts, args.tokenizer_text), args.vocab)
             save_model(build_from_preset(args.preset, tokenizer, args.seq, seed=common.SEED), tokenizer, backbone)
             described = (f"preset {args.preset} with fresh weights, vocabulary {len(tokenizer):,} (a byte-level BPE "
-                         f"trained on the dialogues, up to {args.vocab:,} asked for)")
+                         f"trained on the dialogues{common.also(args.tokenizer_text)}, {args.vocab:,} asked for)")
         chat.ensure_chat_template(tokenizer)
         save_model(load_reward_model(backbone, tokenizer, common.SEED), tokenizer, work / "init")
     fitting = [g for g in groups if all(len(render(tokenizer, g.prompt, r)) <= args.seq for r in g.responses)]

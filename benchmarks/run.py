@@ -107,6 +107,9 @@ def _args(argv):
                         "smollm2 (reward only): the pretrained SmolLM2-135M-Instruct with its own tokenizer, "
                         "written to results/<comparison>-smollm2.md")
     parser.add_argument("--preset", default="llama-25m")
+    parser.add_argument("--tokenizer-text", default=str(SHARED_DATA / "gutenberg"),
+                        help="sft, reward: text the tokenizer also learns from, so that it reaches --vocab "
+                        "(default: the gutenberg novels; '' for the comparison's own data alone)")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq", type=int, default=512, help="tokens per row (pretrain, packed SFT) or the "
                         "longest conversation or prompt + response")
@@ -122,7 +125,7 @@ def _args(argv):
 
 def prepare(comparison: Comparison, args, work: Path) -> dict:
     """Once for all contenders and kept for later runs with the same settings: what they load and read."""
-    settings = {k: getattr(args, k) for k in ("data", "model", "preset", "vocab", "seq")}
+    settings = {k: getattr(args, k) for k in ("data", "model", "preset", "vocab", "tokenizer_text", "seq")}
     done = work / "prepared.json"
     if done.is_file():
         saved = json.loads(done.read_text())
@@ -223,6 +226,9 @@ def main(argv=None) -> None:
     if not Path(args.data).exists():
         raise SystemExit(f"python -m benchmarks {args.comparison}: data file not found: {args.data} "
                          "(pass --data FILE; see benchmarks/README.md)")
+    if args.comparison != "pretrain" and args.tokenizer_text and not Path(args.tokenizer_text).exists():
+        raise SystemExit(f"python -m benchmarks {args.comparison}: tokenizer text not found: {args.tokenizer_text} "
+                         "(pass --tokenizer-text PATH, or '' to train the tokenizer on the data alone)")
     if args.model != "fresh" and not comparison.real_models:
         raise SystemExit(f"python -m benchmarks {args.comparison}: --model {args.model} is for "
                          f"{', '.join(n for n, c in COMPARISONS.items() if c.real_models)} only")

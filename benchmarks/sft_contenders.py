@@ -36,8 +36,8 @@ CHAT_TEMPLATE = (
 )
 
 DESCRIPTION = (
-    "Work: preset {preset}, vocabulary {vocabulary} (a byte-level BPE trained on the conversations, up to {vocab} "
-    "asked for), {conversations} conversations ({source}), {held_out} of them held out, at most {seq} tokens each "
+    "Work: preset {preset}, vocabulary {vocabulary:,} (a byte-level BPE trained on the conversations{also}, "
+    "{vocab:,} asked for), {conversations} conversations ({source}), {held_out} of them held out, at most {seq} tokens each "
     "(longer ones cut), {batch} rows per step, " + common.ALIGNED_SETTINGS + (
     " from the same initial weights. Loss on the answers and their EOS only, with the "
     "same template and the same token ids: TRL tokenizes the messages itself (`assistant_only_loss=True`, from "
@@ -54,15 +54,15 @@ DESCRIPTION = (
 ))
 
 NOTES = """Notes:
-- Where TRL's unpacked step goes (torch.profiler, one 8 x 512 forward and backward on the same batch,
-  2026-11-22): the model's matmuls cost both trainers the same; TRL's LM head scores every position, not
-  only the answer tokens, and it also computes each position's entropy and top-1 match for its logs, so
-  its vocabulary projection and log-probability backward took about 10 s of its 24 s step. llmstack
-  (`kernels: auto`) computes the loss from the hidden states of the answer tokens only, in chunks, and never
-  holds the [B, T, V] logits, which is also most of the memory difference.
+- Where the unpacked step goes (`py-spy record -r 50`, 8 steps each, 2026-12-01): the decoder layers' forward
+  costs both the same (0.68 s llmstack, 0.64 s TRL). TRL 1.16 computes its loss through its own chunked
+  log-probability function (`trl/kernels/chunked_logprob.py`) at every position, prompt included, with the
+  entropy and statistics it logs: 1.4 s in the forward, and its backward (head and layers) takes 3.7 s.
+  llmstack (`kernels: auto`) projects only the answer tokens, computing the loss and the head's gradients in
+  one chunked pass (0.56 s), so its backward is the layers' alone (1.2 s).
 - Packed, TRL flattens each batch into one padding-free row of about 4,000 tokens and attends within it
   under a block-diagonal mask built from the position ids; without FlashAttention (CPU) that attention is
-  quadratic in the whole row, so TRL's packed run is no faster than its unpacked one here.
+  computed over the whole row and then masked, quadratic in the row's length.
 - The machine is shared with whatever else runs on it: read the load column (about 2 is the contender's own
   two threads) before comparing runs."""
 
@@ -103,7 +103,8 @@ def prepare(args, work: Path) -> dict:
     """The tokenizer (trained on the conversations, with CHAT_TEMPLATE), the initial weights and the train and
     held-out conversations as llmstack chat JSONL, once for every contender."""
     conversations, source = read_conversations(args.data)
-    tokenizer = text.train_tokenizer((m["content"] for c in conversations for m in c), args.vocab)
+    tokenizer = text.train_tokenizer(common.tokenizer_texts((m["content"] for c in conversations for m in c),
+                                                            args.tokenizer_text), args.vocab)
     tokenizer.chat_template = CHAT_TEMPLATE
     save_model(build_from_preset(args.preset, tokenizer, args.seq, seed=common.SEED), tokenizer, work / "init")
     split = {"train": [], "held_out": []}
@@ -114,7 +115,7 @@ def prepare(args, work: Path) -> dict:
     for name, part in split.items():
         (data / f"{name}.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in part))
     return {"data": str(data), "conversations": len(conversations), "held_out": len(split["held_out"]),
-            "vocabulary": len(tokenizer), "source": source, "lr": LR}
+            "vocabulary": len(tokenizer), "source": source, "lr": LR, "also": common.also(args.tokenizer_text)}
 
 
 def _conversations(data: str, part: str) -> list[list[dict]]:

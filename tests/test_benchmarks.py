@@ -37,7 +37,8 @@ SEQ, BATCH, STEPS = 64, 4, 3
 
 
 def _settings(data, seq=SEQ):
-    return argparse.Namespace(data=str(data), model="fresh", preset="llama-1m", vocab=400, seq=seq)
+    return argparse.Namespace(data=str(data), model="fresh", preset="llama-1m", vocab=400, tokenizer_text=None,
+                              seq=seq)
 
 
 def _train_all(module, work, facts, names):
@@ -152,7 +153,7 @@ def test_each_comparison_writes_its_own_columns_and_the_pairwise_ratios(tmp_path
                "llmstack-packed": [result(2000, 1000)], "trl-packed": [result(1000, 1000)]}
     args = argparse.Namespace(comparison="sft", preset="p", vocab=32000, seq=512, batch=8, steps=12, warmup=4,
                               repeats=2)
-    facts = {"conversations": 547, "held_out": 27, "vocabulary": 17921, "source": "s", "lr": 1e-4,
+    facts = {"conversations": 547, "held_out": 27, "vocabulary": 17921, "source": "s", "lr": 1e-4, "also": "",
              "peak_gflops": 80.0, "threads": 2}
     table = run.write_table(args, run.COMPARISONS["sft"], results, facts, tmp_path / "sft.md", "command")
     lines = table.splitlines()
