@@ -101,6 +101,20 @@ def also(extra: str | None) -> str:
     return f" and `{Path(extra).name}`" if extra else ""
 
 
+def write_split(items: list, fraction: float, to_record: Callable, data: Path) -> int:
+    """`data`/train.jsonl and held_out.jsonl, each item held out or not by its index (seeded); the number
+    held out."""
+    from llmstack.data.text import is_held_out
+
+    split = {"train": [], "held_out": []}
+    for index, item in enumerate(items):
+        split["held_out" if is_held_out(index, fraction, SEED) else "train"].append(item)
+    data.mkdir(exist_ok=True)
+    for name, part in split.items():
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(to_record(x)) + "\n" for x in part))
+    return len(split["held_out"])
+
+
 def dealing_order(n_rows: int, batch: int, steps: int) -> list[int]:
     """Row indices in the order llmstack's sampler deals `steps` batches of `batch` out of `n_rows` rows, so
     a Trainer reading its dataset in order sees the same batches."""

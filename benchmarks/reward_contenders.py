@@ -6,7 +6,6 @@ each contender runs alone in this process (see run.py) and prints one JSON line 
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -70,15 +69,9 @@ def prepare(args, work: Path) -> dict:
         chat.ensure_chat_template(tokenizer)
         save_model(load_reward_model(backbone, tokenizer, common.SEED), tokenizer, work / "init")
     fitting = [g for g in groups if all(len(render(tokenizer, g.prompt, r)) <= args.seq for r in g.responses)]
-    split = {"train": [], "held_out": []}
-    for index, group in enumerate(fitting):
-        split["held_out" if text.is_held_out(index, HELD_OUT_FRACTION, common.SEED) else "train"].append(group)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    for name, part in split.items():
-        records = ({"prompt": g.prompt, "chosen": g.responses[0], "rejected": g.responses[1]} for g in part)
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"data": str(data), "read": len(groups), "pairs": len(fitting), "held_out": len(split["held_out"]),
+    pair = lambda g: {"prompt": g.prompt, "chosen": g.responses[0], "rejected": g.responses[1]}  # noqa: E731
+    held_out = common.write_split(fitting, HELD_OUT_FRACTION, pair, work / "data")
+    return {"data": str(work / "data"), "read": len(groups), "pairs": len(fitting), "held_out": held_out,
             "backbone": described, "lr": LR}
 
 

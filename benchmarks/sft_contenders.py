@@ -107,14 +107,8 @@ def prepare(args, work: Path) -> dict:
                                                             args.tokenizer_text), args.vocab)
     tokenizer.chat_template = CHAT_TEMPLATE
     save_model(build_from_preset(args.preset, tokenizer, args.seq, seed=common.SEED), tokenizer, work / "init")
-    split = {"train": [], "held_out": []}
-    for index, conversation in enumerate(conversations):
-        split["held_out" if text.is_held_out(index, HELD_OUT_FRACTION, common.SEED) else "train"].append(conversation)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    for name, part in split.items():
-        (data / f"{name}.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in part))
-    return {"data": str(data), "conversations": len(conversations), "held_out": len(split["held_out"]),
+    held_out = common.write_split(conversations, HELD_OUT_FRACTION, lambda c: {"messages": c}, work / "data")
+    return {"data": str(work / "data"), "conversations": len(conversations), "held_out": held_out,
             "vocabulary": len(tokenizer), "source": source, "lr": LR, "also": common.also(args.tokenizer_text)}
 
 
