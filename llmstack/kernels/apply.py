@@ -74,7 +74,7 @@ class RopeFusedAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
                 **kwargs):
-        # transformers 5.24 renamed the decoder's `past_key_values` argument `cache`; earlier releases pass the old name
+        # transformers 5.24 passes the KV cache as `cache`; earlier releases as `past_key_values`
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
