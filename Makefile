@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/llmstack pipeline
+	$(VENV)/bin/llmstack pipeline --config configs/tiny/pipeline.yaml
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

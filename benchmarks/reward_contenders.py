@@ -53,7 +53,7 @@ NOTES = """Notes:
 def prepare(args, work: Path) -> dict:
     """The tokenizer (trained on the dialogues), llmstack's initialised reward model, and the pairs that fit
     `args.seq` split into train and held-out as llmstack preference JSONL, once for every contender."""
-    from llmstack.trainers.reward import load_reward_model
+    from llmstack.models.reward_model import load_reward_model
 
     groups = list(import_hh(args.data))
     with tempfile.TemporaryDirectory(dir=work) as backbone:

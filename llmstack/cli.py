@@ -21,7 +21,7 @@ STAGES = {
     "sft": (SFTConfig, "llmstack.trainers.sft:sft"),
     "reward": (RewardConfig, "llmstack.trainers.reward:reward"),
     "ppo": (PPOConfig, "llmstack.trainers.ppo:ppo"),
-    "pipeline": (PipelineConfig, "llmstack.trainers.pipeline:pipeline"),
+    "pipeline": (PipelineConfig, "llmstack.pipeline:pipeline"),
 }
 
 

@@ -35,16 +35,16 @@ def llmstack_config(work: Work) -> PPOConfig:
 
 def test_the_spec_becomes_these_llmstack_settings():
     cfg = llmstack_config(WORK)
-    p, t = cfg.ppo, cfg.train
+    p, t, r = cfg.ppo, cfg.train, cfg.rollout
     assert (cfg.seed, cfg.model.name_or_path, cfg.reward_model.name_or_path, cfg.value_model.name_or_path,
             cfg.data.train, cfg.data.max_prompt_length) == (3, "policy", "reward", "reward", "prompts.jsonl", 40)
     assert (t.max_steps, t.batch_size, t.lr, t.schedule, t.warmup_steps, t.weight_decay, t.adam_betas,
             t.max_grad_norm, t.precision, t.grad_accum) == (5, 3, 2e-5, "constant", 0, 0.01, [0.8, 0.99], 0.0,
                                                            "fp32", 1)
-    assert (p.rollout_batch, p.epochs, p.clip, p.value_clip, p.value_lr, p.gamma, p.lam) == \
+    assert (r.batch_size, p.epochs, p.clip, p.value_clip, p.value_lr, p.gamma, p.lam) == \
         (6, 3, 0.3, 0.4, 2e-5, 0.99, 0.9)
     assert (p.kl_estimator, p.kl_in, p.kl_coef, p.kl_target) == ("k3", "reward", 0.1, None)
-    assert (p.max_new_tokens, p.temperature, p.top_p, p.missing_eos_penalty) == (20, 0.9, 1.0, None)
+    assert (r.max_new_tokens, r.temperature, r.top_p, p.missing_eos_penalty) == (20, 0.9, 1.0, None)
     assert (p.normalize_rewards, p.reward_clip, p.whiten_advantages, p.ptx_coef) == (False, None, True, 0.0)
     assert not cfg.lora.enabled
 
@@ -69,7 +69,7 @@ def test_both_settings_describe_the_same_batches():
     local_batch = kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"]  # prompts per rollout
     mini_batch = local_batch // kw["num_mini_batches"]  # sequences per optimiser step
     total_batches = math.ceil(kw["total_episodes"] / local_batch)  # PPO steps
-    assert (local_batch, mini_batch, total_batches) == (cfg.ppo.rollout_batch, cfg.train.batch_size,
+    assert (local_batch, mini_batch, total_batches) == (cfg.rollout.batch_size, cfg.train.batch_size,
                                                         cfg.train.max_steps)
     # no accumulation: each minibatch is one forward/backward and one optimiser step, and one rollout
     # generates every prompt in one batch
@@ -117,7 +117,8 @@ def test_both_sides_load_identical_models(setup):
                                                           str(directory / "prompts.jsonl"), "out"))
     # llmstack's own loader, with a seed that would draw a different head if it drew one at all
     cfg = dataclasses.replace(cfg, seed=cfg.seed + 7)
-    policy, reference, reward_model, value = build_models(cfg, load_tokenizer(str(directory / "policy")))
+    models, reward_model = build_models(cfg, load_tokenizer(str(directory / "policy")))
+    policy, reference, value = models.policy, models.reference, models.value
     trl_policy = AutoModelForCausalLM.from_pretrained(directory / "policy", dtype=torch.float32)
     trl_reward = AutoModelForSequenceClassification.from_pretrained(directory / "reward", num_labels=1,
                                                                     dtype=torch.float32)

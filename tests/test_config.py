@@ -81,9 +81,9 @@ def test_saved_config_loads_back_identical(tmp_path):
                          ids=lambda p: p.name)
 def test_shipped_stage_configs_load(path, monkeypatch):
     monkeypatch.chdir(REPO)  # configs name files relative to the repository root
-    stage = next(name for name in ("curate", "pretrain", "sft", "reward", "ppo") if name in path.name)
+    stage = next(name for name in ("curate", "pretrain", "sft", "reward", "ppo", "pipeline") if name in path.name)
     load_config({"curate": CurateConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
-                 "ppo": PPOConfig}[stage], path)
+                 "ppo": PPOConfig, "pipeline": PipelineConfig}[stage], path)
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):

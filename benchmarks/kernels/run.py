@@ -151,7 +151,7 @@ def train_table(results: list[dict]) -> list[str]:
     rows = [r for r in results if r["case"]["kind"] == "train"]
     if not rows:
         return []
-    lines = ["| workload | path | loss impl | step time (ms) | tokens/s | peak memory over the step (MiB) "
+    lines = ["| workload | path | loss path | step time (ms) | tokens/s | peak memory over the step (MiB) "
              "| process peak (MiB) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["case"]
@@ -161,7 +161,7 @@ def train_table(results: list[dict]) -> list[str]:
             lines.append(f"| {work} | {c['path']} | | failed: {r['error']} | | | |")
             continue
         ms = min(r["ms"])
-        lines.append(f"| {work} | {c['path']} | {r['loss_impl']} | {_fmt(ms)} | {_fmt(c['B'] * c['T'] / ms * 1000)} "
+        lines.append(f"| {work} | {c['path']} | {r['loss_path']} | {_fmt(ms)} | {_fmt(c['B'] * c['T'] / ms * 1000)} "
                      f"| {_fmt(r['peak_mib'])} | {_fmt(r['base_mib'] + r['peak_mib'])} |")
     params = next((r["params_m"] for r in rows if "params_m" in r), None)
     if params:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack import losses
+from llmstack.kernels import KernelPlan
 from llmstack.kernels import linear_cross_entropy as lce
 from llmstack.kernels import linear_logprobs as llp
 
@@ -99,6 +100,12 @@ def _tiny(case):
     return {**case, "B": 1, "T": 16, "V": 256}
 
 
+def _forced(path: str, device) -> KernelPlan:
+    """The plan that runs `path` (chunked or triton) on `device`, whatever the device would resolve to: the
+    benchmark compares the paths themselves."""
+    return KernelPlan("fused", torch.device(device).type, path, swap_modules=path == "triton")
+
+
 def _cross_entropy_step(case, device):
     hidden, weight, labels = _head_inputs(case, device)
     path = case["path"]
@@ -113,7 +120,7 @@ def _cross_entropy_step(case, device):
             return losses.causal_lm_loss_sum(F.linear(hidden, weight), labels)
     else:
         def loss_fn():
-            return lce.causal_linear_cross_entropy(hidden, weight, labels, impl=path)
+            return lce.causal_linear_cross_entropy(hidden, weight, labels, kernels=_forced(path, device))
 
     def step():
         hidden.grad = weight.grad = None
@@ -138,7 +145,7 @@ def _logprobs_step(case, device):
         if path == "reference":
             logp, entropy = llp.reference(hidden, weight, tokens, temperature=0.7)
         else:
-            logp, entropy = llp.linear_logprobs(hidden, weight, tokens, temperature=0.7, impl=path)
+            logp, entropy = llp.linear_logprobs(hidden, weight, tokens, temperature=0.7, kernels=_forced(path, device))
         (-(advantages * logp).sum() - 0.01 * entropy.sum()).backward()
     return step
 
@@ -155,15 +162,15 @@ def elementwise_case(case, device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     dtype = DTYPES[case["dtype"]]
     b, t, h = case["B"], case["T"], case["H"]
-    impl = "triton" if case["path"] == "triton" else "reference"
+    kernels = "fused" if case["path"] == "triton" else "reference"
     if case["op"] == "rms_norm":
         x = torch.randn(b, t, h, generator=g).to(device, dtype).requires_grad_()
         w = torch.ones(h, device=device, dtype=dtype, requires_grad=True)
-        run, params = (lambda: rms_norm.rms_norm(x, w, 1e-6, impl=impl)), [x, w]
+        run, params = (lambda: rms_norm.rms_norm(x, w, 1e-6, kernels=kernels)), [x, w]
     elif case["op"] == "swiglu":
         gate = torch.randn(b, t, 4 * h, generator=g).to(device, dtype).requires_grad_()
         up = torch.randn(b, t, 4 * h, generator=g).to(device, dtype).requires_grad_()
-        run, params = (lambda: swiglu.swiglu(gate, up, impl=impl)), [gate, up]
+        run, params = (lambda: swiglu.swiglu(gate, up, kernels=kernels)), [gate, up]
     else:
         heads, dim = h // 128, 128
         q = torch.randn(b, t, heads, dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
@@ -171,7 +178,7 @@ def elementwise_case(case, device) -> dict:
         angles = torch.arange(t, device=device)[:, None] * torch.rand(dim // 2, generator=g).to(device)[None]
         cos = torch.cat([angles.cos()] * 2, -1)[None].to(dtype)
         sin = torch.cat([angles.sin()] * 2, -1)[None].to(dtype)
-        run, params = (lambda: sum(o.float().sum() for o in rope.apply_rope(q, k, cos, sin, impl=impl))), [q, k]
+        run, params = (lambda: sum(o.float().sum() for o in rope.apply_rope(q, k, cos, sin, kernels=kernels))), [q, k]
 
     def step():
         for p in params:
@@ -186,7 +193,8 @@ def training_step_case(case, device) -> dict:
     """One SFT-like step (forward, backward, AdamW) of a small Llama, stock path or fused path."""
     from transformers import AutoModelForCausalLM
 
-    from llmstack.kernels import apply_kernels, final_hidden_states, lm_head_params
+    from llmstack.models.fused import apply_kernels
+    from llmstack.models.heads import final_hidden_states, lm_head_params
     from llmstack.models.causal_lm import preset_config
 
     torch.manual_seed(0)
@@ -204,7 +212,7 @@ def training_step_case(case, device) -> dict:
         if case["path"] == "fused":
             weight, _ = lm_head_params(model)
             hidden = final_hidden_states(model, input_ids=ids, use_cache=False)
-            loss = lce.causal_linear_cross_entropy(hidden, weight, labels, impl=handle.loss_impl)
+            loss = lce.causal_linear_cross_entropy(hidden, weight, labels, kernels=handle.plan)
         else:
             loss = losses.causal_lm_loss_sum(model(input_ids=ids, use_cache=False).logits, labels)
         (loss / n_targets).backward()
@@ -214,7 +222,7 @@ def training_step_case(case, device) -> dict:
     step()  # Adam's state exists from here on, as in any step after the first
     result = measure(step, device, case["repeats"])
     result["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    result["loss_impl"] = handle.loss_impl
+    result["loss_path"] = handle.plan.path
     return result
 
 

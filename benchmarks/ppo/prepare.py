@@ -44,7 +44,7 @@ def save_reward_model(setup: Path, tokenizer, seed: int) -> None:
     """The policy's backbone with a fresh scalar head, seeded by llmstack's reward loader; saved as a
     sequence classifier, so neither side draws a head of its own when loading it."""
     from llmstack.models.causal_lm import save_model
-    from llmstack.trainers.reward import load_reward_model
+    from llmstack.models.reward_model import load_reward_model
 
     save_model(load_reward_model(str(setup / "policy"), tokenizer, seed), tokenizer, setup / "reward")
 

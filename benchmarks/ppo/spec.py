@@ -56,11 +56,12 @@ def llmstack_overrides(work: Work, policy: str, reward: str, prompts: str, outpu
         f"train.adam_betas=[{work.adam_betas[0]}, {work.adam_betas[1]}]",
         # TRL's PPO loop never clips gradients
         "train.max_grad_norm=0", "train.precision=fp32", "train.log_every=1", f"train.save_every={work.steps}",
-        f"ppo.rollout_batch={work.rollout}", f"ppo.epochs={work.epochs}", f"ppo.clip={work.clip}",
+        f"rollout.batch_size={work.rollout}", f"rollout.max_new_tokens={work.new_tokens}",
+        f"rollout.temperature={work.temperature}", "rollout.top_p=1.0",
+        f"ppo.epochs={work.epochs}", f"ppo.clip={work.clip}",
         f"ppo.value_clip={work.value_clip}", f"ppo.value_lr={work.lr}", f"ppo.gamma={work.gamma}",
         f"ppo.lam={work.lam}", f"ppo.kl_estimator={work.kl_estimator}", "ppo.kl_in=reward",
-        f"ppo.kl_coef={work.kl_coef}", "ppo.kl_target=null", f"ppo.max_new_tokens={work.new_tokens}",
-        f"ppo.temperature={work.temperature}", "ppo.top_p=1.0", "ppo.missing_eos_penalty=null",
+        f"ppo.kl_coef={work.kl_coef}", "ppo.kl_target=null", "ppo.missing_eos_penalty=null",
         # TRL scores with the raw reward-model output
         "ppo.normalize_rewards=false", "ppo.reward_clip=null", "ppo.whiten_advantages=true",
     ]

@@ -13,9 +13,9 @@ from llmstack.config.curate import CurateConfig
 from llmstack.config.loading import ConfigError, describe, load_config, option, save_config, to_dict
 from llmstack.config.schema import (PREVIOUS, ChatDataConfig, DataConfig, LoraConfig, ModelConfig, ModelRef,
                                     PipelineConfig, PPOConfig, PPOSettings, PreferenceDataConfig, PretrainConfig,
-                                    PromptDataConfig, RewardConfig, SFTConfig, TrainConfig)
+                                    PromptDataConfig, RewardConfig, RolloutConfig, SFTConfig, TrainConfig)
 
 __all__ = ["PREVIOUS", "ChatDataConfig", "ConfigError", "CurateConfig", "DataConfig", "LoraConfig", "ModelConfig", "ModelRef",
            "PPOConfig", "PPOSettings", "PipelineConfig", "PreferenceDataConfig", "PretrainConfig",
-           "PromptDataConfig", "RewardConfig", "SFTConfig", "TrainConfig", "describe", "load_config", "option",
+           "PromptDataConfig", "RewardConfig", "RolloutConfig", "SFTConfig", "TrainConfig", "describe", "load_config", "option",
            "save_config", "to_dict"]

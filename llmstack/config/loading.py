@@ -88,6 +88,10 @@ def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if key not in names and key in getattr(cls, "MOVED", {}):
+            parent = prefix[:-1].rpartition(".")[0]
+            raise ConfigError(f"config key '{dotted}' in {source} has moved: it is now "
+                              f"'{parent + '.' if parent else ''}{cls.MOVED[key]}'")
         if key not in names:
             known = [f"{prefix}{n}" for n in names]
             close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6) or _one_level_down(cls, hints, key, prefix)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from llmstack.config.curate import (C4Rule, CurateConfig, CurateDataConfig, GopherQualityRule, GopherRepetitionRule,
-                                    RulesConfig, WordListRule)
+from llmstack.config.curate import CurateConfig
 from llmstack.config.loading import ConfigError, option
 
 Kernels = Literal["auto", "reference", "fused"]
@@ -198,8 +196,25 @@ class ModelRef:
 
 
 @dataclass
+class RolloutConfig:
+    """How an RL step samples its responses; shared by the RL algorithms."""
+
+    engine: Literal["hf"] = option("hf", "Generation engine (llmstack.models.engines): 'hf' is Hugging Face "
+                                   "generate with its KV cache, reading the policy's weights directly.")
+    batch_size: int = option(16, "Prompts per process per RL step (one rollout).", ge=1)
+    max_new_tokens: int = option(32, "Longest response.", ge=1)
+    temperature: float = option(1.0, "Sampling temperature, also used when log-probabilities are recomputed.",
+                                gt=0.0)
+    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
+
+
+@dataclass
 class PPOSettings:
-    rollout_batch: int = option(16, "Prompts per process per PPO step (one rollout).", ge=1)
+    # keys that moved to another section, relative to this section's parent: answered with the new name
+    MOVED: ClassVar[dict[str, str]] = {"rollout_batch": "rollout.batch_size",
+                                       "max_new_tokens": "rollout.max_new_tokens",
+                                       "temperature": "rollout.temperature", "top_p": "rollout.top_p"}
+
     epochs: int = option(2, "Passes over each rollout.", ge=1)
     clip: float = option(0.2, "Policy ratio clip epsilon.", gt=0.0, le=1.0)
     value_clip: float = option(0.2, "Value clip around the rollout's values.", gt=0.0)
@@ -213,12 +228,8 @@ class PPOSettings:
     kl_target: float | None = option(6.0, "Target KL per sequence for the adaptive controller; null keeps "
                                      "ppo.kl_coef fixed.", gt=0.0)
     kl_horizon: int = option(10000, "Adaptive controller horizon in samples.", ge=1)
-    max_new_tokens: int = option(32, "Longest response.", ge=1)
-    temperature: float = option(1.0, "Sampling temperature, also used when log-probabilities are recomputed.",
-                                gt=0.0)
-    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
     missing_eos_penalty: float | None = option(None, "Subtracted from the score of responses cut at "
-                                               "ppo.max_new_tokens without EOS.", ge=0.0)
+                                               "rollout.max_new_tokens without EOS.", ge=0.0)
     normalize_rewards: bool = option(True, "Scale scores with the reward model's stored reward_mean/std.")
     reward_clip: float | None = option(None, "Clip (normalised) scores to [-c, c].", gt=0.0)
     whiten_advantages: bool = option(True, "Zero mean, unit variance advantages over the global batch.")
@@ -245,8 +256,12 @@ class PPOConfig:
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, max_steps=100,
                                                                     batch_size=8, schedule="constant",
                                                                     log_every=1, eval_every=0))
+    rollout: RolloutConfig = option(default_factory=RolloutConfig)
     ppo: PPOSettings = option(default_factory=PPOSettings)
     samples_per_step: int = option(4, "Rows appended to samples.jsonl at every logging step.", ge=0)
+    metrics: list[str] = option(default_factory=list, help="Functions logged at every step, each named "
+                                "'package.module:function' and called as f(prompts, completions) -> one number "
+                                "per response (e.g. llmstack.evaluation.builtin_task:gold_reward).")
 
     def validate(self, prefix: str) -> None:
         if not self.reward_model.name_or_path:
@@ -255,66 +270,34 @@ class PPOConfig:
             raise ConfigError("config key 'ppo.ptx_coef' > 0 needs 'data.ptx': the pretraining text to mix in")
         if self.train.grad_accum != 1:
             raise ConfigError("config key 'train.grad_accum': PPO takes minibatches of train.batch_size from each "
-                              "rollout; set ppo.rollout_batch for more samples and keep grad_accum 1")
+                              "rollout; set rollout.batch_size for more samples and keep grad_accum 1")
 
 
 PREVIOUS = "previous"  # a model path meaning "the previous pipeline stage's model/"
 
 
-def _tiny_curate() -> CurateConfig:
-    """The built-in corpus with planted noise through every document rule, with thresholds for its short
-    stories (as configs/tiny/curate.yaml explains)."""
-    return CurateConfig(
-        data=CurateDataConfig(train="synthetic-noisy:3000"),
-        rules=RulesConfig(order=["language", "c4", "gopher_quality", "gopher_repetition", "wordlist", "exact_dedup",
-                                 "near_dedup", "pii"],
-                          c4=C4Rule(min_sentences=3), gopher_quality=GopherQualityRule(min_words=10, min_stop_words=0),
-                          gopher_repetition=GopherRepetitionRule(top_ngram_chars=[1.0] * 3,
-                                                                 duplicate_ngram_chars=[1.0] * 6),
-                          wordlist=WordListRule(path=str(Path(__file__).parents[1] / "data" / "blocklist.txt"))),
-        audit_samples=3)
-
-
-def _tiny_sft() -> SFTConfig:
-    return SFTConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
-                     data=ChatDataConfig(train="synthetic:4000", max_length=128),
-                     train=TrainConfig(max_steps=600, batch_size=8, lr=1e-3, warmup_steps=15, eval_every=200,
-                                       save_every=200),
-                     sample_prompts=4, sample_max_new_tokens=24)
-
-
-def _tiny_reward() -> RewardConfig:
-    return RewardConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
-                        data=PreferenceDataConfig(train="synthetic:1500", max_length=64),
-                        train=TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100,
-                                          save_every=100))
-
-
-def _tiny_ppo() -> PPOConfig:
-    return PPOConfig(model=ModelConfig(name_or_path=PREVIOUS, preset=None),
-                     reward_model=ModelRef(PREVIOUS),
-                     data=PromptDataConfig(train="synthetic:500", max_prompt_length=32),
-                     train=TrainConfig(max_steps=100, batch_size=16, lr=5e-5, warmup_steps=0, schedule="constant",
-                                       log_every=1, eval_every=0, save_every=25),
-                     ppo=PPOSettings(rollout_batch=32, value_lr=1e-4, max_new_tokens=24, temperature=0.7,
-                                     kl_coef=0.1, kl_target=2.0, kl_horizon=256))
+def _from_previous(cls):
+    """A stage's defaults, starting from the previous pipeline stage's model (and, for RL, reward model)."""
+    def build():
+        changes = {"model": ModelConfig(name_or_path=PREVIOUS, preset=None)}
+        if cls is PPOConfig:
+            changes["reward_model"] = ModelRef(PREVIOUS)
+        return cls(**changes)
+    return build
 
 
 @dataclass
 class PipelineConfig:
     """The whole path in one command: curate -> pretrain -> SFT -> reward model -> PPO, each stage starting
     from the previous stage's model or data ('previous'), each in its own run directory, with a REPORT.md of
-    the evidence."""
+    the evidence. configs/tiny/pipeline.yaml is the built-in tiny run (the main job, `make run`)."""
 
     output_dir: str = option("runs/pipeline", "Pipeline directory; each stage runs in a folder inside it.")
     seed: int = option(0, "Seed given to every stage.", ge=0)
-    curate: CurateConfig = option(default_factory=_tiny_curate)
-    pretrain: PretrainConfig = option(default_factory=lambda: PretrainConfig(
-        data=DataConfig(train=PREVIOUS, block_size=128),
-        model=ModelConfig(preset="llama-1m", vocab_size=2048),
-        train=TrainConfig(max_steps=300, batch_size=16, lr=3e-3, warmup_steps=30)))
-    sft: SFTConfig = option(default_factory=_tiny_sft)
-    reward: RewardConfig = option(default_factory=_tiny_reward)
-    ppo: PPOConfig = option(default_factory=_tiny_ppo)
+    curate: CurateConfig = option(default_factory=CurateConfig)
+    pretrain: PretrainConfig = option(default_factory=lambda: PretrainConfig(data=DataConfig(train=PREVIOUS)))
+    sft: SFTConfig = option(default_factory=_from_previous(SFTConfig))
+    reward: RewardConfig = option(default_factory=_from_previous(RewardConfig))
+    ppo: PPOConfig = option(default_factory=_from_previous(PPOConfig))
     contrast_without_kl: bool = option(True, "Also run PPO with the KL penalty off, to show over-optimisation "
                                        "of the reward model against the gold reward.")

@@ -104,3 +104,8 @@ def eval_batches(blocks, batch_size: int, rank: int, world_size: int) -> Iterato
     for start in range(0, len(mine), batch_size):
         rows = mine[start:start + batch_size]
         yield blocks.rows(rows)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,4 +1,8 @@
-"""Can Triton run here, and on which device? The one place that imports triton, behind a guard.
+"""Which kernels run where: the one resolver of the `kernels` choice, and the one place that imports triton.
+
+`kernels: auto | reference | fused` is the only vocabulary for choosing kernels, from the config down to
+each op; `resolve(kernels, device)` decides once what that means on a device and returns a `KernelPlan`,
+which stages pass down to every fused op (the ops also take the word itself and resolve it the same way).
 
 Triton is an optional dependency (`pip install 'llmstack[kernels]'`). Without it, or without a GPU driver,
 every op in this package still works through its plain-torch path; the fallback is logged once per reason.
@@ -19,12 +23,14 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "reference", "chunked", "triton")
+KERNELS = ("auto", "reference", "fused")  # the config's words, the only vocabulary for choosing kernels
+PATHS = ("reference", "chunked", "triton")  # what a resolved choice runs
 
 
 @functools.cache
@@ -63,19 +69,66 @@ def triton_runs_on(device: torch.device | str) -> bool:
     return False
 
 
-def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """The path a loss op takes: `auto` is Triton on CUDA (when it runs there) and chunked torch elsewhere;
-    an explicit `triton` that cannot run on `device` falls back to `chunked`, logged once."""
-    if impl not in IMPLS:
-        raise ValueError(f"kernel impl={impl!r} is not one of {', '.join(IMPLS)}")
+@dataclass(frozen=True)
+class KernelPlan:
+    """A `kernels` choice resolved for one device by `resolve`: what the user asked for and what runs.
+
+    `path` is how the fused ops compute: `reference` (the plain-torch spec: full logits, unfused layers),
+    `chunked` (the losses in torch chunks, never the full logits; layers unfused) or `triton` (Triton
+    kernels for the losses and, where `swap_modules`, RMSNorm, RoPE and SwiGLU inside the model)."""
+
+    kernels: str
+    device: str
+    path: str
+    swap_modules: bool
+
+    def summary(self) -> dict:
+        return {"kernels": self.kernels, "device": self.device, "path": self.path}
+
+
+def resolve(kernels: str, device: torch.device | str) -> KernelPlan:
+    """The one decision of what runs, by device:
+
+        kernels    CUDA with Triton              CPU, or no Triton / no driver
+        reference  reference                     reference
+        auto       triton, modules swapped       chunked (Triton on CPU is only the slow interpreter)
+        fused      triton, modules swapped       chunked, logged as a fallback; except under
+                                                 TRITON_INTERPRET=1 on CPU: triton (tests only: slow)
+    """
+    plan = _decide(kernels, device)
+    if kernels == "fused" and plan.path != "triton":
+        log.warning(_FALLBACK.format(device=plan.device))
+    return plan
+
+
+_FALLBACK = ("kernels=fused: Triton cannot run on {device} here; layers stay stock and the losses take the chunked "
+             "torch path (on CPU, set TRITON_INTERPRET=1 before the first kernel call to interpret the kernels)")
+
+
+def _decide(kernels: str, device: torch.device | str) -> KernelPlan:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} is not one of {', '.join(KERNELS)}")
     device = torch.device(device)
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_runs_on(device) else "chunked"
-    if impl == "triton" and not triton_runs_on(device):
-        _warn_once(f"llmstack.kernels: Triton cannot run on {device.type} here; using the chunked torch path "
-                   "(on CPU, set TRITON_INTERPRET=1 before the first kernel call to interpret the kernels)")
+    if kernels == "reference":
+        return KernelPlan(kernels, device.type, "reference", False)
+    runs = (device.type == "cuda" or kernels == "fused") and triton_runs_on(device)
+    return KernelPlan(kernels, device.type, "triton" if runs else "chunked", runs)
+
+
+def path_on(kernels: KernelPlan | str, device: torch.device) -> str:
+    """The path an op takes on tensors of `device`: a config word is resolved there (the fallback logged once,
+    not at every call); a plan keeps its path, except that Triton falls back to the chunked torch path on a
+    device it cannot run on (logged once)."""
+    if isinstance(kernels, str):
+        plan = _decide(kernels, device)
+        if kernels == "fused" and plan.path != "triton":
+            _warn_once(_FALLBACK.format(device=plan.device))
+        return plan.path
+    if kernels.path == "triton" and not triton_runs_on(device):
+        _warn_once(f"llmstack.kernels: Triton cannot run on {torch.device(device).type} here; using the chunked "
+                   "torch path")
         return "chunked"
-    return impl
+    return kernels.path
 
 
 def triton_module(name: str):

@@ -10,7 +10,8 @@ every loss in `llmstack.losses` (the training loop divides by the global target 
 
 which is F.cross_entropy(z, y, label_smoothing=eps, ignore_index=-100, reduction="sum") plus the z-loss.
 
-Paths (the `impl` argument; `auto` is `triton` on CUDA when Triton runs there, `chunked` elsewhere):
+Paths (chosen by the `kernels` argument through `backend.resolve`: a config word, auto | reference | fused, or
+the `KernelPlan` a stage resolved once; `auto` is `triton` on CUDA when Triton runs there, `chunked` elsewhere):
 - `reference`: full logits, then F.cross_entropy. The spec.
 - `chunked`: a torch.autograd.Function that walks the rows in chunks and, in its forward, computes each
   chunk's loss *and* its gradient w.r.t. hidden, weight and bias; a chunk's logits are freed before the
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.kernels import backend
+from llmstack.kernels.backend import KernelPlan
 
 IGNORE_INDEX = -100  # llmstack.losses takes it from here (kernels sit below losses)
 
@@ -188,14 +190,15 @@ def _check(hidden, weight, labels, bias):
 @torch.compiler.disable  # data-dependent row selection and a Python chunk loop: compile would break here anyway
 def linear_cross_entropy(hidden: torch.Tensor, weight_VH: torch.Tensor, labels: torch.Tensor,
                          bias_V: torch.Tensor | None = None, *, label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, impl: str = "auto", chunk_rows: int | None = None) -> torch.Tensor:
+                         z_loss: float = 0.0, kernels: KernelPlan | str, chunk_rows: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T + bias` against `labels` (fp32 scalar).
 
     hidden [..., H] and labels [...] share their leading dimensions; IGNORE_INDEX labels count 0.
-    `impl`: auto | reference | chunked | triton (see the module docstring); `chunk_rows` overrides the rule.
+    `kernels`: a `KernelPlan` or auto | reference | fused (see the module docstring); `chunk_rows` overrides
+    the chunk-size rule.
     """
     _check(hidden, weight_VH, labels, bias_V)
-    path = backend.resolve_impl(impl, hidden.device)
+    path = backend.path_on(kernels, hidden.device)
     if path == "reference":
         return reference(hidden, weight_VH, labels, bias_V, label_smoothing, z_loss)
     hidden_NH, labels_N = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)

@@ -9,7 +9,8 @@ With s = (h W^T + b) / temperature in fp32 and p = softmax(s), per row:
 This is what PPO needs from the policy (and the reference model): the sampled tokens' log-probabilities at
 the sampling temperature, and the entropy for an entropy bonus or for monitoring.
 
-Paths (the `impl` argument; `auto` is `triton` on CUDA when Triton runs there, `chunked` elsewhere):
+Paths (chosen by the `kernels` argument through `backend.resolve`, as for `linear_cross_entropy`; `auto` is
+`triton` on CUDA when Triton runs there, `chunked` elsewhere):
 - `reference`: full logits, log_softmax, gather. The spec.
 - `chunked`: a torch.autograd.Function over chunks of rows. The forward keeps only the inputs and two fp32
   numbers per row (log-sum-exp, entropy); the backward recomputes each chunk's logits and turns the
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.kernels import backend
+from llmstack.kernels.backend import KernelPlan
 from llmstack.kernels.linear_cross_entropy import WeightGradAccumulator, chunk_rows_for, compute_dtype
 
 
@@ -153,11 +155,11 @@ class _LinearLogprobs(torch.autograd.Function):
 @torch.compiler.disable  # a Python chunk loop around an autograd.Function: compile would break here anyway
 def linear_logprobs(hidden: torch.Tensor, weight_VH: torch.Tensor, tokens: torch.Tensor,
                     bias_V: torch.Tensor | None = None, *, temperature: float = 1.0, with_entropy: bool = True,
-                    impl: str = "auto", chunk_rows: int | None = None):
+                    kernels: KernelPlan | str, chunk_rows: int | None = None):
     """(logp [...], entropy [...] or None), fp32, for hidden [..., H] and tokens [...].
 
-    Both outputs are differentiable w.r.t. hidden, weight and bias. `impl`: auto | reference | chunked |
-    triton (see the module docstring); `chunk_rows` overrides the chunk-size rule.
+    Both outputs are differentiable w.r.t. hidden, weight and bias. `kernels`: a `KernelPlan` or auto |
+    reference | fused (see the module docstring); `chunk_rows` overrides the chunk-size rule.
     """
     if hidden.shape[-1] != weight_VH.shape[1] or hidden.shape[:-1] != tokens.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight_VH.shape)} and tokens "
@@ -167,7 +169,7 @@ def linear_logprobs(hidden: torch.Tensor, weight_VH: torch.Tensor, tokens: torch
     bad = (tokens < 0) | (tokens >= weight_VH.shape[0])
     if bad.any():
         raise ValueError(f"token {int(tokens[bad][0])} is not a class id in [0, {weight_VH.shape[0]})")
-    path = backend.resolve_impl(impl, hidden.device)
+    path = backend.path_on(kernels, hidden.device)
     if path == "reference":
         logp, entropy = reference(hidden, weight_VH, tokens, bias_V, temperature)
         return logp, entropy if with_entropy else None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llmstack.kernels import backend
+from llmstack.kernels.backend import KernelPlan
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,15 +93,10 @@ def _backward(ctx, dy, _drstd):
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "triton") -> torch.Tensor:
-    """`reference` or the op (`triton`; plain torch inside the op where Triton cannot run); `auto` is the op
-    where Triton is compiled (CUDA) and the reference elsewhere."""
-    if impl == "auto":
-        impl = "triton" if x.device.type == "cuda" and backend.triton_runs_on(x.device) else "reference"
-    if impl == "reference":
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: KernelPlan | str) -> torch.Tensor:
+    """The op where `kernels` resolves to the Triton path on x's device, the plain-torch reference elsewhere."""
+    if backend.path_on(kernels, x.device) != "triton":
         return reference(x, weight, eps)
-    if impl != "triton":
-        raise ValueError(f"rms_norm impl={impl!r} is not one of auto, reference, triton")
     return rms_norm_fwd(x, weight, eps)[0]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from llmstack.kernels import backend
+from llmstack.kernels.backend import KernelPlan
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -99,18 +100,15 @@ def _backward(ctx, grad_q, grad_k):
 rope_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def apply_rope(q_BHTD, k_BHTD, cos_BTD, sin_BTD, impl: str = "triton"):
-    """(q, k) rotated. `reference` or the op (`triton`); `auto` is the op where Triton is compiled (CUDA)."""
-    if impl == "auto":
-        impl = "triton" if q_BHTD.device.type == "cuda" and backend.triton_runs_on(q_BHTD.device) else "reference"
-    if impl == "reference":
-        return reference(q_BHTD, k_BHTD, cos_BTD, sin_BTD)
-    if impl != "triton":
-        raise ValueError(f"rope impl={impl!r} is not one of auto, reference, triton")
+def apply_rope(q_BHTD, k_BHTD, cos_BTD, sin_BTD, kernels: KernelPlan | str):
+    """(q, k) rotated: the op where `kernels` resolves to the Triton path on q's device, the plain-torch
+    reference elsewhere."""
     dim = q_BHTD.shape[-1]
     if (cos_BTD.dim() != 3 or cos_BTD.shape[-1] != dim or dim % 2 or k_BHTD.shape[-1] != dim
             or sin_BTD.shape != cos_BTD.shape):
         raise ValueError(f"rope expects q, k [B, heads, T, D] with D even and cos, sin [B or 1, T, D]; got "
                          f"q {tuple(q_BHTD.shape)}, k {tuple(k_BHTD.shape)}, cos {tuple(cos_BTD.shape)}, "
                          f"sin {tuple(sin_BTD.shape)}")
+    if backend.path_on(kernels, q_BHTD.device) != "triton":
+        return reference(q_BHTD, k_BHTD, cos_BTD, sin_BTD)
     return rope_fwd(q_BHTD, k_BHTD, cos_BTD, sin_BTD)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmstack.kernels import backend
+from llmstack.kernels.backend import KernelPlan
 
 ACTIVATIONS = ("silu", "swish")  # the `hidden_act` names Hugging Face maps to SiLU
 
@@ -66,14 +67,10 @@ def _backward(ctx, dy):
 swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "triton") -> torch.Tensor:
-    """`reference` or the op (`triton`); `auto` is the op where Triton is compiled (CUDA), else the reference."""
-    if impl == "auto":
-        impl = "triton" if gate.device.type == "cuda" and backend.triton_runs_on(gate.device) else "reference"
-    if impl == "reference":
+def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: KernelPlan | str) -> torch.Tensor:
+    """The op where `kernels` resolves to the Triton path on gate's device, the plain-torch reference elsewhere."""
+    if backend.path_on(kernels, gate.device) != "triton":
         return reference(gate, up)
-    if impl != "triton":
-        raise ValueError(f"swiglu impl={impl!r} is not one of auto, reference, triton")
     return swiglu_fwd(gate, up)
 
 

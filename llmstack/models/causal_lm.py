@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
+from llmstack.models.heads import unwrap
+
 log = logging.getLogger(__name__)
 
 # Llama-style architectures for CPU work and small GPU runs. Widths are multiples of 64 (GEMM tiles, and
@@ -87,6 +89,21 @@ def check_vocab(model: PreTrainedModel, tokenizer) -> None:
     if len(tokenizer) > n_embed:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {n_embed}; "
                          "use the model's own tokenizer or resize the model's embeddings first")
+
+
+def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every dropout probability set to 0: RL recomputes log-probabilities of sampled tokens and
+    compares them across passes, which dropout's noise would make differ."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def uses_varlen_attention(model) -> bool:
+    """Whether the model attends through a flash-attention kernel, which takes no dense mask: packed rows then
+    rely on restarting position ids for their example boundaries (CUDA only)."""
+    return str(getattr(unwrap(model).config, "_attn_implementation", "")).startswith("flash_attention")
 
 
 def numel(param: torch.Tensor) -> int:

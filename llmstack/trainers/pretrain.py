@@ -9,18 +9,21 @@ import torch
 
 from llmstack.config import PretrainConfig
 from llmstack.data import batching, sources, text
+from llmstack.kernels import KernelPlan
 from llmstack.losses import count_targets
 from llmstack.models import causal_lm
+from llmstack.models.forward import lm_loss_sum
+from llmstack.models.fused import apply_kernels
 from llmstack.trainers.base import log
-from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels
+from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import Run, open_run
 from llmstack.trainers.stage import run_supervised_stage
-from llmstack.trainers.supervised import LoopResult, SupervisedObjective
+from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
 
 
-def lm_objective(impl: str) -> SupervisedObjective:
-    return SupervisedObjective(loss_sum=lambda model, batch: lm_loss_sum(model, batch["labels"], impl,
+def lm_objective(kernels: KernelPlan) -> SupervisedObjective:
+    return SupervisedObjective(loss_sum=lambda model, batch: lm_loss_sum(model, batch["labels"], kernels,
                                                                          input_ids=batch["input_ids"]),
                                count_targets=lambda b: count_targets(b["labels"]), perplexity=True)
 
@@ -100,7 +103,7 @@ def pretrain(cfg: PretrainConfig) -> LoopResult | None:
     tokenizer = prepare_tokenizer(cfg, run)
     batches, held_out, data_facts = prepare_data(cfg, tokenizer, acc.process_index, acc.num_processes)
     model = prepare_model(cfg, tokenizer)
-    kernels = use_kernels(model, cfg.kernels, acc.device)
+    kernels = apply_kernels(model, cfg.kernels, acc.device)
     train = cfg.train
 
     def held_out_batches():
@@ -110,7 +113,7 @@ def pretrain(cfg: PretrainConfig) -> LoopResult | None:
     record = {"inputs": _inputs(cfg), "parent": parent,
               "data": {**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer), **curation},
               "kernels": kernels.summary()}
-    return run_supervised_stage(run, model, tokenizer, batches, lm_objective(kernels.loss_impl), cfg.data.block_size,
+    return run_supervised_stage(run, model, tokenizer, batches, lm_objective(kernels.plan), cfg.data.block_size,
                                 held_out_batches, record)
 
 

@@ -1,5 +1,6 @@
-"""A run's life: open the run directory (or notice it is finished), resume, and close it with a model, a
-record and a model card. Every stage calls these in the same order, so every run directory looks the same:
+"""A run's life: open the run directory (or notice it is finished) and close it with a model, a record and a
+model card (resuming is `llmstack.trainers.loop.resume`). Every stage calls these in the same order, so every
+run directory looks the same:
 
     config.yaml  metrics.jsonl  record.json  model/  checkpoints/  MODEL_CARD.md
 """
@@ -16,6 +17,7 @@ from accelerate.utils import set_seed
 
 from llmstack.config import save_config, to_dict
 from llmstack.models.causal_lm import save_model
+from llmstack.models.lora import has_adapters, merged
 from llmstack.trainers.base import Checkpointer, describe_world, log, make_accelerator, setup_logging
 from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
@@ -93,27 +95,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume(run: Run, batches, restore) -> object | None:
-    """Load the newest valid checkpoint into the prepared objects; returns what `restore` makes of its state."""
-    path = run.checkpointer.latest()
-    if path is None:
-        # a run that died before its first checkpoint starts over: its old rows must not stay in front
-        run.metrics.truncate_after(0)
-        return None
-    saved = run.checkpointer.load(path)
-    run.metrics.truncate_after(saved["step"])
-    log.info(f"{run.stage}: resuming from {path} (step {saved['step']})")
-    return restore(saved, batches)
-
-
 def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adapters: bool = False):
     """Save the final model (on success) and the record; every process must call this. Returns the trained
     model unwrapped from its distributed wrapper (adapters merged when `merge_adapters`)."""
     acc = run.accelerator
     final = acc.unwrap_model(model)
     if status == "finished":
-        if merge_adapters and hasattr(final, "merge_and_unload"):
-            final, state_dict = final.merge_and_unload(), None
+        if merge_adapters and has_adapters(final):
+            final, state_dict = merged(final), None
         else:
             state_dict = acc.get_state_dict(model)
         if acc.is_main_process:

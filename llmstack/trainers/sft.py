@@ -2,7 +2,7 @@
 
 Packed rows hold several conversations; `position_ids` restart for each and a block-diagonal causal mask
 keeps attention inside each, so packing changes the speed, not the objective. With LoRA only the adapters
-train (peft), and the result is saved merged into the base weights or as adapters alone.
+train (peft, `llmstack.models.lora`), and the result is saved merged into the base weights or as adapters alone.
 """
 
 from __future__ import annotations
@@ -14,31 +14,31 @@ import torch
 from llmstack.config import SFTConfig
 from llmstack.data import batching, chat, sources
 from llmstack.data.text import is_held_out
+from llmstack.kernels import KernelPlan
 from llmstack.losses import count_targets
 from llmstack.models import causal_lm
+from llmstack.models.engines.hf import greedy_reply
+from llmstack.models.forward import lm_loss_sum
+from llmstack.models.fused import apply_kernels
+from llmstack.models.lora import prepare_for_training
 from llmstack.trainers.base import log
-from llmstack.trainers.lm_loss import lm_loss_sum, use_kernels
+from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
-from llmstack.trainers.supervised import LoopResult, SupervisedObjective
+from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
 
 
-def _uses_varlen_attention(model) -> bool:
-    config = getattr(model, "module", model).config
-    return str(getattr(config, "_attn_implementation", "")).startswith("flash_attention")
-
-
-def _sft_loss_sum(model, batch: dict, impl: str = "reference") -> torch.Tensor:
+def _sft_loss_sum(model, batch: dict, kernels: KernelPlan) -> torch.Tensor:
     # Flash-attention kernels take no dense mask: transformers finds the example boundaries from the
     # restarting position ids and runs the varlen kernel (CUDA only; the mask path is the tested one).
-    mask = None if _uses_varlen_attention(model) else chat.block_causal_mask(batch["segment_ids"])
-    return lm_loss_sum(model, batch["labels"], impl, input_ids=batch["input_ids"],
+    mask = None if causal_lm.uses_varlen_attention(model) else chat.block_causal_mask(batch["segment_ids"])
+    return lm_loss_sum(model, batch["labels"], kernels, input_ids=batch["input_ids"],
                        position_ids=batch["position_ids"], attention_mask=mask)
 
 
-def sft_objective(impl: str) -> SupervisedObjective:
-    return SupervisedObjective(loss_sum=lambda model, batch: _sft_loss_sum(model, batch, impl),
+def sft_objective(kernels: KernelPlan) -> SupervisedObjective:
+    return SupervisedObjective(loss_sum=lambda model, batch: _sft_loss_sum(model, batch, kernels),
                                count_targets=lambda b: count_targets(b["labels"]), perplexity=True)
 
 
@@ -54,25 +54,6 @@ def load_conversations(cfg: SFTConfig) -> tuple[list, list]:
     return train, held_out
 
 
-def apply_lora(model, lora, gradient_checkpointing: bool):
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not lora.enabled:
-        return model
-    try:
-        import peft
-    except ImportError as err:
-        raise ImportError("lora.enabled needs peft (and lora.load_in_4bit bitsandbytes): "
-                          "pip install 'llmstack[lora]'") from err
-    if lora.load_in_4bit:
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.enable_input_require_grads()
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
-
-
 def _prompt_of(conversation: list[dict]) -> tuple[list[dict], str]:
     last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
     return conversation[:last], conversation[last]["content"]
@@ -82,23 +63,14 @@ def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: i
     """Greedy answers to the first `n` held-out prompts at every evaluation, appended to samples.jsonl."""
     prompts = [_prompt_of(c) for c in conversations[:n]]
 
-    @torch.no_grad()
     def write(model, step: int) -> dict:
         if not prompts or not run.accelerator.is_main_process:
             return {}
-        was_training = model.training
-        model.eval()
         with open(run.dir / "samples.jsonl", "a") as fh:
             for messages, reference in prompts:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)["input_ids"].to(run.accelerator.device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)
-                answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                answer = greedy_reply(model, tokenizer, messages, max_new_tokens)
                 fh.write(json.dumps({"step": step, "prompt": messages, "reference": reference,
                                      "generated": answer}) + "\n")
-        model.train(was_training)
         return {}
 
     return write
@@ -127,8 +99,8 @@ def sft(cfg: SFTConfig) -> LoopResult | None:
                                        cfg.seed)
     model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code, cfg.lora.load_in_4bit)
     causal_lm.check_vocab(model, tokenizer)
-    model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing)
-    kernels = use_kernels(model, cfg.kernels, acc.device)
+    model = prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing)
+    kernels = apply_kernels(model, cfg.kernels, acc.device)
 
     def held_out():
         return batching.eval_batches(held_rows, cfg.train.batch_size, acc.process_index, acc.num_processes)
@@ -140,6 +112,6 @@ def sft(cfg: SFTConfig) -> LoopResult | None:
                        "chat_template": "llmstack default" if template_added else "the tokenizer's own"},
               "kernels": kernels.summary()}
     samples = sample_writer(run, tokenizer, held_conv, cfg.sample_prompts, cfg.sample_max_new_tokens)
-    return run_supervised_stage(run, model, tokenizer, batches, sft_objective(kernels.loss_impl), d.max_length,
+    return run_supervised_stage(run, model, tokenizer, batches, sft_objective(kernels.plan), d.max_length,
                                 held_out if held_rows else None, record, after_eval=samples,
                                 merge_adapters=cfg.lora.enabled and cfg.lora.merge)

@@ -9,12 +9,13 @@ from typing import Callable, Iterable
 
 import torch
 
+from llmstack.evaluation.heldout import heldout_loss
 from llmstack.models import causal_lm
 from llmstack.trainers import distributed
-from llmstack.trainers.base import NonFiniteLossError, batch_arithmetic, build_optimizer, build_scheduler, log
-from llmstack.trainers.run import Run, close_run, resume
-from llmstack.trainers.supervised import (LoopResult, LoopState, SupervisedObjective, evaluate_loss,
-                                          restore_loop_state, train_supervised)
+from llmstack.trainers.base import batch_arithmetic, build_optimizer, build_scheduler, log
+from llmstack.trainers.loop import LoopResult, LoopState, resume, run_loop
+from llmstack.trainers.run import Run, close_run
+from llmstack.trainers.supervised import SupervisedObjective, supervised_step
 from llmstack.tracking.mfu import peak_flops, transformer_flops_per_token
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,13 +69,14 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
     acc.register_for_checkpointing(scheduler)
 
     def evaluate(step: int = 0) -> dict:
-        metrics = evaluate_loss(acc, model, held_out(), objective, train.eval_batches) if held_out else {}
+        metrics = heldout_loss(acc, model, held_out(), objective.loss_sum, objective.count_targets,
+                               train.eval_batches, objective.perplexity) if held_out else {}
         if after_eval is not None:
             with distributed.full_model(acc, model) as whole:
                 metrics.update(after_eval(whole, step))
         return metrics
 
-    state = resume(run, batches, restore_loop_state)
+    state = resume(run, lambda saved: batches.load_state_dict(saved["data"]))
     if state is None:
         state = LoopState(initial_eval=evaluate() if train.eval_every else {})
         log.info(f"{run.stage}: before training, held-out {_fmt(state.initial_eval)}")
@@ -85,16 +87,9 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
         run.record.set_compute(acc.num_processes, device=str(acc.device), peak_flops_per_device=peak,
                                peak_source=peak_source)
         run.record.save()
-    try:
-        result = train_supervised(acc, model, optimizer, scheduler, batches, objective, train, state,
-                                  run.checkpointer, run.metrics, evaluate, flops_per_token, peak)
-    except NonFiniteLossError as err:
-        last = run.checkpointer.latest()
-        where = f"the last good checkpoint {last} is intact" if last else "no checkpoint had been written yet"
-        if run.record is not None:
-            run.record.finish(f"failed: {err}")
-        raise NonFiniteLossError(f"{err}. Stopped: {where}. Lower train.lr, raise train.warmup_steps or use "
-                                 f"train.precision=fp32, then re-run the same command to resume.") from err
+    step = supervised_step(acc, model, optimizer, scheduler, batches, objective, train, evaluate, flops_per_token,
+                           peak)
+    result = run_loop(run, state, step, lambda: {"data": batches.state_dict()})
     summary = _summary(result.state)
     if result.status == "finished" and before_save is not None:
         summary.update(before_save(acc.unwrap_model(model)))

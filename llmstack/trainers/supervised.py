@@ -1,9 +1,9 @@
-"""The one supervised loop, shared by pretraining, SFT and reward modelling.
+"""The one supervised step, shared by pretraining, SFT and reward modelling.
 
 The stages differ only in how a batch becomes a loss: a `SupervisedObjective` gives the summed loss of a
-micro-batch and the number of targets it holds. The loop divides every micro-batch's sum by the number of
+micro-batch and the number of targets it holds. The step divides every micro-batch's sum by the number of
 targets in the whole global batch (all micro-batches on all processes), so one update is the same whether the
-global batch arrives as 1 x 8, 8 x 1 or 2 processes x 4.
+global batch arrives as 1 x 8, 8 x 1 or 2 processes x 4. The loop around the steps is `loop.run_loop`.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 
 from llmstack.config import TrainConfig
-from llmstack.trainers.base import Checkpointer, NonFiniteLossError, StopOnSignal
-from llmstack.tracking.metrics import MetricsLog
-from llmstack.tracking.progress import Progress
+from llmstack.data.batching import to_device
+from llmstack.trainers.base import NonFiniteLossError
+from llmstack.trainers.loop import LoopState, StepReport
 
 
 @dataclass
@@ -30,29 +30,6 @@ class SupervisedObjective:
     count_targets: Callable[[dict], int]
     count_tokens: Callable[[dict], int] = lambda batch: batch["input_ids"].numel()
     perplexity: bool = False  # the loss is a token-mean cross-entropy, so exp(loss) means something
-
-
-@dataclass
-class LoopState:
-    """Everything besides model/optimiser/scheduler/RNG that a checkpoint must hold to resume exactly."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    initial_eval: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
-    last_loss: float | None = None
-
-
-@dataclass
-class LoopResult:
-    status: str  # "finished" or "interrupted"
-    state: LoopState
-    signum: int | None = None
-    model: torch.nn.Module | None = None  # the trained model, unwrapped from DDP/FSDP, on every process
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def optimizer_step(acc: Accelerator, model, optimizer, scheduler, micro_batches: list[dict],
@@ -86,28 +63,6 @@ def optimizer_step(acc: Accelerator, model, optimizer, scheduler, micro_batches:
     return loss, grad_norm, lr
 
 
-@torch.no_grad()
-def evaluate_loss(acc: Accelerator, model, batches: Iterable[dict], objective: SupervisedObjective,
-                  max_batches: int) -> dict:
-    """Token-mean held-out loss over every process's share of `batches` and its perplexity."""
-    model.eval()
-    total = torch.zeros((), device=acc.device, dtype=torch.float64)
-    count = torch.zeros((), device=acc.device, dtype=torch.float64)
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        batch = to_device(batch, acc.device)
-        with acc.autocast():
-            total += objective.loss_sum(model, batch).double()
-        count += objective.count_targets(batch)
-    model.train()
-    total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
-    if count.item() == 0:
-        return {}
-    loss = (total / count).item()
-    return {"eval_loss": loss, **({"eval_ppl": math.exp(min(loss, 80.0))} if objective.perplexity else {})}
-
-
 @dataclass
 class Window:
     """Accumulates per-step values between two log points."""
@@ -121,62 +76,40 @@ class Window:
         return {"loss": sum(self.losses) / len(self.losses), "tokens_per_s": self.tokens / seconds}
 
 
-def train_supervised(acc: Accelerator, model, optimizer, scheduler, batches, objective: SupervisedObjective,
-                     train: TrainConfig, state: LoopState, checkpointer: Checkpointer, metrics: MetricsLog,
-                     evaluate: Callable[[int], dict] | None, flops_per_token: float, peak_flops: float) -> LoopResult:
-    """Run updates until `train.max_steps`, logging, evaluating and checkpointing on the way.
-
-    Returns "interrupted" after SIGTERM/SIGINT (a checkpoint was written) and "finished" otherwise; a
-    non-finite loss raises NonFiniteLossError with the last good checkpoint left in place.
-    """
+def supervised_step(acc: Accelerator, model, optimizer, scheduler, batches, objective: SupervisedObjective,
+                    train: TrainConfig, evaluate: Callable[[int], dict] | None, flops_per_token: float,
+                    peak_flops: float) -> Callable[[LoopState], StepReport]:
+    """The step function `loop.run_loop` calls: one update on the next `train.grad_accum` micro-batches,
+    with the logging row at log steps and the held-out measures at evaluation steps."""
     micro_batches: Iterator[dict] = iter(batches)
-    progress = Progress(train.max_steps, state.step, acc.is_main_process, desc="train")
     window = Window()
-    with StopOnSignal() as stop:
-        while state.step < train.max_steps:
-            micro = [next(micro_batches) for _ in range(train.grad_accum)]
-            loss, grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, micro, objective,
+
+    def step(state: LoopState) -> StepReport:
+        nonlocal window
+        micro = [next(micro_batches) for _ in range(train.grad_accum)]
+        loss, grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, micro, objective,
                                              train.max_grad_norm, state.step)
-            state.step += 1
-            step_tokens = sum(objective.count_tokens(b) for b in micro) * acc.num_processes
-            state.tokens_seen += step_tokens
-            state.last_loss = loss
-            window.losses.append(loss)
-            window.tokens += step_tokens
-            last = state.step == train.max_steps
-            row = {}
-            if state.step % train.log_every == 0 or last:
-                row = window.summary()
-                if objective.perplexity:
-                    row["ppl"] = math.exp(min(row["loss"], 80.0))
-                row["lr"] = lr
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak_flops * acc.num_processes)
-                row["tokens_seen"] = state.tokens_seen
-                window = Window()
-            if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
-                state.last_eval = evaluate(state.step)
-                row = {"loss": loss, **row, **state.last_eval}
-            if row:
-                metrics.log(state.step, row)
-            progress.update(state.step, loss=loss, **{k: row[k] for k in ("tokens_per_s", "mfu") if k in row})
-            if stop.requested(acc):
-                checkpointer.save(state.step, loop_state_dict(state, batches))
-                progress.close()
-                return LoopResult("interrupted", state, stop.signum or 15)
-            if state.step % train.save_every == 0 or last:
-                checkpointer.save(state.step, loop_state_dict(state, batches))
-    progress.close()
-    return LoopResult("finished", state)
+        state.step += 1
+        step_tokens = sum(objective.count_tokens(b) for b in micro) * acc.num_processes
+        state.tokens_seen += step_tokens
+        state.last_loss = loss
+        window.losses.append(loss)
+        window.tokens += step_tokens
+        last = state.step == train.max_steps
+        row = {}
+        if state.step % train.log_every == 0 or last:
+            row = window.summary()
+            if objective.perplexity:
+                row["ppl"] = math.exp(min(row["loss"], 80.0))
+            row["lr"] = lr
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak_flops * acc.num_processes)
+            row["tokens_seen"] = state.tokens_seen
+            window = Window()
+        if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
+            state.last_eval = evaluate(state.step)
+            row = {"loss": loss, **row, **state.last_eval}
+        return StepReport(row, {"loss": loss, **{k: row[k] for k in ("tokens_per_s", "mfu") if k in row}})
 
-
-def loop_state_dict(state: LoopState, batches) -> dict:
-    return {"tokens_seen": state.tokens_seen, "initial_eval": state.initial_eval, "last_eval": state.last_eval,
-            "last_loss": state.last_loss, "data": batches.state_dict()}
-
-
-def restore_loop_state(saved: dict, batches) -> LoopState:
-    batches.load_state_dict(saved["data"])
-    return LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], initial_eval=saved["initial_eval"],
-                     last_eval=saved["last_eval"], last_loss=saved["last_loss"])
+    return step

@@ -5,6 +5,8 @@ installed, the Triton tests skip and say why.
 
 import pytest
 
+from llmstack.kernels import KernelPlan
+
 
 @pytest.fixture
 def triton_cpu():
@@ -17,9 +19,11 @@ def triton_cpu():
 
 
 @pytest.fixture
-def impl_ready(request):
-    """For tests parametrised over `impl`: the Triton ones need the interpreter (see `triton_cpu`)."""
-    def check(impl: str) -> None:
-        if impl == "triton":
+def plan_for(request):
+    """For tests parametrised over the path an op takes: the resolved plan that forces it (the Triton one
+    needs the interpreter, see `triton_cpu`)."""
+    def plan(path: str) -> KernelPlan:
+        if path == "triton":
             request.getfixturevalue("triton_cpu")
-    return check
+        return KernelPlan("fused", "cpu", path, swap_modules=path == "triton")
+    return plan

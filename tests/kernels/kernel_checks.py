@@ -14,6 +14,11 @@ tests were checked to fail on such mutations.
 
 import torch
 
+from llmstack.kernels import KernelPlan
+
+# the torch chunked path forced, whatever the device would resolve to (tests of the chunk loop itself)
+CHUNKED = KernelPlan("fused", "cpu", "chunked", swap_modules=False)
+
 TOLERANCES = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=2e-2, atol=1e-2),

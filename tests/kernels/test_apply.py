@@ -8,14 +8,16 @@ import sys
 
 import pytest
 import torch
-from kernel_checks import assert_close
+from kernel_checks import CHUNKED, assert_close
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from llmstack import losses
-from llmstack.kernels import (apply_kernels, backend, causal_linear_cross_entropy, final_hidden_states,
-                              lm_head_params)
+from llmstack.kernels import backend, causal_linear_cross_entropy, resolve
 from llmstack.kernels.linear_logprobs import linear_logprobs
-from llmstack.rl import rollout
+from llmstack.models.forward import token_logprobs
+from llmstack.models.fused import apply_kernels
+from llmstack.models.heads import final_hidden_states, lm_head_params
+from llmstack.rl.experience import join
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -56,7 +58,7 @@ def test_fused_model_matches_the_stock_one_and_removal_restores_it(family, trito
     counts = handle.summary()["replaced"]
     prefix = type(model).__name__.removesuffix("ForCausalLM")
     assert counts == {f"{prefix}RMSNorm": 2 * per_layer_norms + 1, f"{prefix}MLP": 2, f"{prefix}Attention": 2}
-    assert handle.loss_impl == "triton"
+    assert handle.plan.path == "triton"
     fused_state = model.state_dict()
     assert fused_state.keys() == stock_state.keys()
     assert all(fused_state[k].data_ptr() == stock_state[k].data_ptr() for k in stock_state)
@@ -85,17 +87,17 @@ def test_a_checkpoint_saved_while_fused_loads_into_a_stock_model(tmp_path, trito
 def test_modes_on_cpu_without_the_interpreter_choice():
     model = _tiny()
     reference = apply_kernels(model, "reference")
-    assert (reference.replaced, reference.loss_impl) == ({}, "reference")
+    assert (reference.replaced, reference.plan.path) == ({}, "reference")
     auto = apply_kernels(model, "auto")  # CPU: the interpreter is never chosen automatically
-    assert (auto.replaced, auto.loss_impl) == ({}, "chunked")
+    assert (auto.replaced, auto.plan.path) == ({}, "chunked")
 
 
 def test_fused_falls_back_to_torch_when_triton_cannot_run(monkeypatch, caplog):
     monkeypatch.setattr(backend, "triton_runs_on", lambda device: False)
     model = _tiny()
-    with caplog.at_level(logging.WARNING, logger="llmstack.kernels.apply"):
+    with caplog.at_level(logging.WARNING, logger="llmstack.kernels.backend"):
         handle = apply_kernels(model, "fused")
-    assert (handle.replaced, handle.loss_impl) == ({}, "chunked")
+    assert (handle.replaced, handle.plan.path) == ({}, "chunked")
     assert "Triton cannot run on cpu" in caplog.text
 
 
@@ -117,7 +119,7 @@ def test_loss_from_hidden_states_equals_the_logits_loss_with_every_gradient(tie)
     ids, labels = _batch()
     stock_loss, stock_grads = _loss_and_grads(model, ids, labels)
     hidden = final_hidden_states(model, input_ids=ids)
-    loss = causal_linear_cross_entropy(hidden, weight, labels, impl="chunked")
+    loss = causal_linear_cross_entropy(hidden, weight, labels, kernels=CHUNKED)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert_close(loss, stock_loss, torch.float32, "loss")
     for (name, _), a, e in zip(model.named_parameters(), grads, stock_grads):
@@ -132,14 +134,15 @@ def test_logprobs_from_hidden_states_equal_the_rollout_ones():
     prompt_mask[1, :2] = 0  # left padding
     response = torch.randint(0, VOCAB, (2, 4), generator=g)
     response_mask = torch.ones_like(response)
-    expected = rollout.response_logprobs(model, prompt, prompt_mask, response, response_mask, 0.7, with_entropy=True)
+    expected = token_logprobs(model, prompt, prompt_mask, response, response_mask, 0.7, resolve("reference", "cpu"),
+                              with_entropy=True)
 
-    ids, mask, positions = rollout.join(prompt, prompt_mask, response, response_mask)
+    ids, mask, positions = join(prompt, prompt_mask, response, response_mask)
     hidden = final_hidden_states(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     start = prompt.shape[1] - 1  # the position that predicts the first response token
     weight, _ = lm_head_params(model)
     got = linear_logprobs(hidden[:, start:start + response.shape[1]], weight, response, temperature=0.7,
-                          impl="chunked")
+                          kernels=CHUNKED)
     for name, a, e in zip(["logp", "entropy"], got, expected):
         assert_close(a, e, torch.float32, name)
 
@@ -169,7 +172,7 @@ def test_training_with_kernels_follows_training_without_them_step_by_step(mode, 
         ids, labels = batch
         weight, _ = lm_head_params(fused)
         return causal_linear_cross_entropy(final_hidden_states(fused, input_ids=ids), weight, labels,
-                                           impl=handle.loss_impl)
+                                           kernels=handle.plan)
 
     curves = []
     for model, loss_fn in ((stock, stock_loss), (fused, fused_loss)):
@@ -198,10 +201,10 @@ import torch
 from llmstack.kernels import linear_cross_entropy as lce, rms_norm
 hidden, weight = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4)
 labels = torch.tensor([1, 2, -100, 3, 4, 5])
-loss = lce.linear_cross_entropy(hidden, weight, labels, impl="triton")  # falls back to chunked
+loss = lce.linear_cross_entropy(hidden, weight, labels, kernels="fused")  # falls back to chunked
 torch.testing.assert_close(loss, lce.reference(hidden, weight, labels))
 x, w = torch.randn(3, 8), torch.rand(8)
-torch.testing.assert_close(rms_norm.rms_norm(x, w, 1e-6, impl="triton"), rms_norm.reference(x, w, 1e-6))
+torch.testing.assert_close(rms_norm.rms_norm(x, w, 1e-6, kernels="fused"), rms_norm.reference(x, w, 1e-6))
 assert "triton" not in sys.modules
 print("ok")
 """

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import assert_close, fp32_copies, grads_of, leaf
+from kernel_checks import CHUNKED, assert_close, fp32_copies, grads_of, leaf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmstack import losses
@@ -41,19 +41,18 @@ def test_reference_is_the_formula_by_hand():
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("path", ["chunked", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "smooth+zloss+bias"])
-def test_loss_and_every_gradient_match_the_reference(impl, dtype, shape, options, impl_ready):
-    impl_ready(impl)
+def test_loss_and_every_gradient_match_the_reference(path, dtype, shape, options, plan_for):
     options = dict(options)
     use_bias = options.pop("bias", False)
     hidden, weight, bias, labels = _inputs(*shape)
     h, w, b = leaf(hidden, dtype), leaf(weight, dtype), leaf(bias, dtype) if use_bias else None
     params = [t for t in (h, w, b) if t is not None]
     # An odd chunk size: several chunks, the last one partial.
-    loss = lce.linear_cross_entropy(h, w, labels, b, impl=impl, chunk_rows=7, **options)
+    loss = lce.linear_cross_entropy(h, w, labels, b, kernels=plan_for(path), chunk_rows=7, **options)
     got = grads_of(loss, params, upstream=0.37)
 
     h32, w32, b32 = fp32_copies(h, w, b)
@@ -69,15 +68,14 @@ def test_loss_and_every_gradient_match_the_reference(impl, dtype, shape, options
         assert_close(g, e, dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_causal_form_equals_causal_lm_loss_sum(impl, impl_ready):
-    impl_ready(impl)
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+def test_causal_form_equals_causal_lm_loss_sum(path, plan_for):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
     weight = (torch.randn(50, 16, generator=g) / 4).requires_grad_()
     labels = torch.randint(0, 50, (3, 11), generator=g)
     labels[0, :4] = losses.IGNORE_INDEX  # a masked prompt
-    got = lce.causal_linear_cross_entropy(hidden, weight, labels, impl=impl)
+    got = lce.causal_linear_cross_entropy(hidden, weight, labels, kernels=plan_for(path))
     expected = losses.causal_lm_loss_sum(hidden @ weight.T, labels)
     torch.testing.assert_close(got, expected)
     for a, e in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(expected, (hidden, weight))):
@@ -105,7 +103,7 @@ def test_chunked_never_holds_more_than_one_chunk_of_logits():
     hidden.requires_grad_()
     weight.requires_grad_()
     with _LargestTensor() as probe:
-        loss = lce.linear_cross_entropy(hidden, weight, labels, impl="chunked", chunk_rows=rows)
+        loss = lce.linear_cross_entropy(hidden, weight, labels, kernels=CHUNKED, chunk_rows=rows)
         loss.backward()
     assert probe.largest <= max(rows * v, v * h, n * h)
     with _LargestTensor() as unfused:  # the probe does see a full [N, V] tensor when one exists
@@ -117,7 +115,7 @@ def test_under_no_grad_only_the_loss_is_computed():
     hidden, weight, _, labels = _inputs(20, 8, 30)
     hidden.requires_grad_()
     with torch.no_grad():
-        loss = lce.linear_cross_entropy(hidden, weight, labels, impl="chunked", chunk_rows=6)
+        loss = lce.linear_cross_entropy(hidden, weight, labels, kernels=CHUNKED, chunk_rows=6)
     assert loss.grad_fn is None
     torch.testing.assert_close(loss, lce.reference(hidden, weight, labels).detach())
 
@@ -126,7 +124,7 @@ def test_under_bf16_autocast_matmuls_follow_autocast_and_gradients_keep_param_dt
     hidden, weight, _, labels = _inputs(24, 16, 40)
     h, w = leaf(hidden, torch.float32), leaf(weight, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = lce.linear_cross_entropy(h, w, labels, impl="chunked", chunk_rows=5)
+        loss = lce.linear_cross_entropy(h, w, labels, kernels=CHUNKED, chunk_rows=5)
     got = grads_of(loss, [h, w])
     h32, w32 = fp32_copies(h, w)
     expected_loss = lce.reference(h32, w32, labels)
@@ -143,7 +141,7 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
     hidden, weight, _, labels = _inputs(6, 4, 9)
     hidden.requires_grad_()
     labels[:] = lce.IGNORE_INDEX
-    loss = lce.linear_cross_entropy(hidden, weight, labels, impl="chunked")
+    loss = lce.linear_cross_entropy(hidden, weight, labels, kernels=CHUNKED)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.count_nonzero(hidden.grad) == 0
@@ -152,7 +150,7 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
 def test_a_second_backward_through_the_same_graph_fails_loudly():
     hidden, weight, _, labels = _inputs(6, 4, 9)
     hidden.requires_grad_()
-    loss = lce.linear_cross_entropy(hidden, weight, labels, impl="chunked")
+    loss = lce.linear_cross_entropy(hidden, weight, labels, kernels=CHUNKED)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -162,7 +160,7 @@ def test_bad_label_is_named():
     hidden, weight, _, labels = _inputs(6, 4, 9)
     labels[2] = 9
     with pytest.raises(ValueError, match=r"label 9 is neither -100 \(ignored\) nor a class id in \[0, 9\)"):
-        lce.linear_cross_entropy(hidden, weight, labels, impl="chunked")
+        lce.linear_cross_entropy(hidden, weight, labels, kernels=CHUNKED)
 
 
 def test_chunk_rule_as_documented():
@@ -172,6 +170,6 @@ def test_chunk_rule_as_documented():
 
 def test_reference_impl_is_plain_cross_entropy():
     hidden, weight, _, labels = _inputs(10, 4, 7)
-    got = lce.linear_cross_entropy(hidden, weight, labels, impl="reference")
+    got = lce.linear_cross_entropy(hidden, weight, labels, kernels="reference")
     expected = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
     torch.testing.assert_close(got, expected)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import assert_close, fp32_copies, grads_of, leaf
+from kernel_checks import CHUNKED, assert_close, fp32_copies, grads_of, leaf
 
 from llmstack.kernels import linear_logprobs as llp
 
@@ -31,19 +31,18 @@ def test_reference_is_the_formula_by_hand():
     assert entropy.item() == pytest.approx(-sum(q * math.log(q) for q in p), rel=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("path", ["chunked", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("temperature,use_bias", [(1.0, False), (0.7, True)], ids=["t1", "t0.7+bias"])
-def test_outputs_and_every_gradient_match_the_reference(impl, dtype, shape, temperature, use_bias, impl_ready):
-    impl_ready(impl)
+def test_outputs_and_every_gradient_match_the_reference(path, dtype, shape, temperature, use_bias, plan_for):
     hidden, weight, bias, tokens = _inputs(*shape)
     h, w, b = leaf(hidden, dtype), leaf(weight, dtype), leaf(bias, dtype) if use_bias else None
     params = [t for t in (h, w, b) if t is not None]
     g = torch.Generator().manual_seed(7)
     upstream = (torch.randn(shape[0], generator=g), torch.randn(shape[0], generator=g))  # PPO-like weights
 
-    logp, entropy = llp.linear_logprobs(h, w, tokens, b, temperature=temperature, impl=impl, chunk_rows=7)
+    logp, entropy = llp.linear_logprobs(h, w, tokens, b, temperature=temperature, kernels=plan_for(path), chunk_rows=7)
     got = grads_of((logp, entropy), params, upstream)
 
     h32, w32, b32 = fp32_copies(h, w, b)
@@ -59,12 +58,11 @@ def test_outputs_and_every_gradient_match_the_reference(impl, dtype, shape, temp
         assert_close(a, e, dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_gradient_of_logp_alone(impl, impl_ready):
-    impl_ready(impl)
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+def test_gradient_of_logp_alone(path, plan_for):
     hidden, weight, _, tokens = _inputs(20, 16, 300)
     h, w = leaf(hidden, torch.float32), leaf(weight, torch.float32)
-    logp, entropy = llp.linear_logprobs(h, w, tokens, impl=impl, with_entropy=False, chunk_rows=6)
+    logp, entropy = llp.linear_logprobs(h, w, tokens, kernels=plan_for(path), with_entropy=False, chunk_rows=6)
     assert entropy is None
     got = grads_of(logp, [h, w])
     h32, w32 = fp32_copies(h, w)
@@ -79,7 +77,7 @@ def test_chunked_saves_nothing_of_vocabulary_size():
     hidden.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        llp.linear_logprobs(hidden, weight, tokens, impl="chunked", chunk_rows=8)
+        llp.linear_logprobs(hidden, weight, tokens, kernels=CHUNKED, chunk_rows=8)
     assert saved and max(saved) <= max(n * h, v * h)
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
@@ -91,7 +89,7 @@ def test_under_no_grad_nothing_is_kept():
     hidden, weight, _, tokens = _inputs(10, 8, 40)
     hidden.requires_grad_()
     with torch.no_grad():
-        logp, entropy = llp.linear_logprobs(hidden, weight, tokens, impl="chunked", chunk_rows=3)
+        logp, entropy = llp.linear_logprobs(hidden, weight, tokens, kernels=CHUNKED, chunk_rows=3)
     assert logp.grad_fn is None and entropy.grad_fn is None
     ref_logp, ref_entropy = llp.reference(hidden.detach(), weight, tokens)
     torch.testing.assert_close(logp, ref_logp)
@@ -100,7 +98,7 @@ def test_under_no_grad_nothing_is_kept():
 
 def test_leading_dimensions_are_kept():
     hidden, weight, _, tokens = _inputs(12, 8, 40)
-    logp, entropy = llp.linear_logprobs(hidden.view(3, 4, 8), weight, tokens.view(3, 4), impl="chunked")
+    logp, entropy = llp.linear_logprobs(hidden.view(3, 4, 8), weight, tokens.view(3, 4), kernels=CHUNKED)
     assert logp.shape == entropy.shape == (3, 4)
     torch.testing.assert_close(logp.reshape(-1), llp.reference(hidden, weight, tokens)[0])
 
@@ -108,11 +106,11 @@ def test_leading_dimensions_are_kept():
 def test_bad_temperature_is_named():
     hidden, weight, _, tokens = _inputs(4, 8, 40)
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        llp.linear_logprobs(hidden, weight, tokens, temperature=0.0)
+        llp.linear_logprobs(hidden, weight, tokens, temperature=0.0, kernels=CHUNKED)
 
 
 def test_token_outside_the_vocabulary_is_named():
     hidden, weight, _, tokens = _inputs(4, 8, 40)
     tokens[1] = 40
     with pytest.raises(ValueError, match=r"token 40 is not a class id in \[0, 40\)"):
-        llp.linear_logprobs(hidden, weight, tokens, impl="chunked")
+        llp.linear_logprobs(hidden, weight, tokens, kernels=CHUNKED)

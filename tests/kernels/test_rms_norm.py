@@ -36,7 +36,7 @@ def test_output_and_both_gradients_match_the_reference(shape, dtypes, triton_cpu
     x_dtype, w_dtype = dtypes
     x0, w0 = _inputs(shape)
     x, w = leaf(x0, x_dtype), leaf(w0, w_dtype)
-    y = rms_norm.rms_norm(x, w, 1e-6, impl="triton")
+    y = rms_norm.rms_norm(x, w, 1e-6, kernels="fused")
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
     got = grads_of(y, [x, w], upstream)
     x32, w32 = fp32_copies(x, w)
@@ -53,7 +53,7 @@ def test_plain_torch_fallback_inside_the_op_matches_the_reference(monkeypatch):
     monkeypatch.setattr(backend, "triton_runs_on", lambda device: False)
     x0, w0 = _inputs((4, 9, 24))
     x, w = leaf(x0, torch.float32), leaf(w0, torch.float32)
-    y = rms_norm.rms_norm(x, w, 1e-6, impl="triton")
+    y = rms_norm.rms_norm(x, w, 1e-6, kernels="fused")
     got = grads_of(y, [x, w], torch.ones_like(y))
     x32, w32 = fp32_copies(x, w)
     expected_y = rms_norm.reference(x32, w32, 1e-6)

@@ -27,7 +27,7 @@ def test_reference_is_the_hugging_face_activation():
 def test_output_and_both_gradients_match_the_reference(shape, dtype, triton_cpu):
     gate0, up0 = _inputs(shape)
     gate, up = leaf(gate0, dtype), leaf(up0, dtype)
-    y = swiglu.swiglu(gate, up, impl="triton")
+    y = swiglu.swiglu(gate, up, kernels="fused")
     upstream = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     got = grads_of(y, [gate, up], upstream)
     gate32, up32 = fp32_copies(gate, up)

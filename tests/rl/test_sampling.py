@@ -9,7 +9,8 @@ from llmstack.data.chat import ensure_chat_template
 from llmstack.data.synthetic import corpus
 from llmstack.data.text import train_tokenizer
 from llmstack.models.causal_lm import build_from_preset
-from llmstack.models.generation import HFGenerator, SeededSampling
+from llmstack.models.engines.hf import HFEngine, SeededSampling
+from llmstack.rl.rollout import SamplingSettings
 from llmstack.rl.sampling import row_seeds, uniform_noise
 
 
@@ -67,16 +68,17 @@ def test_a_response_is_the_same_alone_or_batched_with_other_prompts(tiny):
     model, tokenizer = tiny
     tokenizer.padding_side = "left"
     prompts = ["what is two plus two", "say hello", "a much longer prompt that forces the others to be padded"]
-    gen = HFGenerator(12, 1.0, 0.95, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine = HFEngine(SamplingSettings(12, 1.0, 0.95), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine.load_weights(model)
     seeds = row_seeds(0, 4, torch.arange(3))
 
     def sample(rows):
         enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True)
-        return gen(model, enc["input_ids"], enc["attention_mask"], seeds[rows])
+        return engine.generate(enc["input_ids"], enc["attention_mask"], seeds[rows])
 
     together = sample([0, 1, 2])
     for i in range(3):
         alone = sample([i])
         assert torch.equal(alone[0], together[i, :alone.shape[1]]), f"prompt {i} sampled differently when batched"
-    other_step = gen(model, *tokenizer(prompts[:1], return_tensors="pt").values(), row_seeds(0, 5, torch.arange(1)))
+    other_step = engine.generate(*tokenizer(prompts[:1], return_tensors="pt").values(), row_seeds(0, 5, torch.arange(1)))
     assert not torch.equal(other_step[0], together[0, :other_step.shape[1]])

@@ -31,3 +31,13 @@ def assert_same_updates(init: dict, a: dict, b: dict, rel: float = 1e-3):
         step_a, step_b = a[key] - init[key], b[key] - init[key]
         assert step_a.norm() > 0, f"{key} did not train"
         assert (step_a - step_b).norm() <= rel * step_a.norm(), f"{key}: updates differ"
+
+
+def assert_close_sums(got: torch.Tensor, expected: torch.Tensor, n_terms: int) -> None:
+    """Two computations of the same sums in different orders (another batching, another kernel): round-off
+    of n terms grows like a random walk, about eps * sqrt(n) of the magnitudes summed, so an element may
+    differ by 4 * eps(dtype) * sqrt(n_terms) of the tensor's largest value. `n_terms` is the longest chain
+    of summed terms behind an element (e.g. tokens x the widest layer), not a number tuned to one machine."""
+    tolerance = 4 * torch.finfo(expected.dtype).eps * n_terms ** 0.5
+    scale = float(expected.detach().abs().max())
+    torch.testing.assert_close(got, expected.detach(), rtol=0, atol=tolerance * max(scale, 1e-30))

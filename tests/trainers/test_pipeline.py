@@ -3,29 +3,32 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
-import llmstack.trainers.evidence as evidence
+import llmstack.evaluation.report as report_module
 from llmstack.config import PipelineConfig, load_config
+from llmstack.pipeline import pipeline
 from llmstack.tracking.lineage import format_lineage, lineage
 from llmstack.tracking.metrics import MetricsLog
 from llmstack.tracking.record import file_sha256
-from llmstack.trainers.pipeline import pipeline
 
-MINIMAL = ["curate.data.train=synthetic-noisy:200", "pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3",
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs/tiny/pipeline.yaml"
+MINIMAL = [f"curate.rules.wordlist.path={REPO / 'llmstack/data/blocklist.txt'}", "curate.data.train=synthetic-noisy:200", "pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3",
            "pretrain.data.block_size=64", "pretrain.train.eval_batches=2", "sft.train.max_steps=10",
            "sft.train.warmup_steps=2", "sft.data.train=synthetic:100", "sft.sample_prompts=1",
            "reward.train.max_steps=10", "reward.train.warmup_steps=2", "reward.data.train=synthetic:60",
-           "ppo.train.max_steps=4", "ppo.train.log_every=1", "ppo.ppo.rollout_batch=8", "ppo.train.batch_size=4",
-           "ppo.ppo.max_new_tokens=8", "ppo.data.train=synthetic:32"]
+           "ppo.train.max_steps=4", "ppo.train.log_every=1", "ppo.rollout.batch_size=8", "ppo.train.batch_size=4",
+           "ppo.rollout.max_new_tokens=8", "ppo.data.train=synthetic:32"]
 
 
 @pytest.mark.slow
 def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
-    monkeypatch.setattr(evidence, "N_QUESTIONS", 4)
-    monkeypatch.setattr(evidence, "SAMPLES", 2)
-    cfg = load_config(PipelineConfig, None, [f"output_dir={tmp_path}", *MINIMAL])
+    monkeypatch.setattr(report_module, "N_QUESTIONS", 4)
+    monkeypatch.setattr(report_module, "SAMPLES", 2)
+    cfg = load_config(PipelineConfig, TINY, [f"output_dir={tmp_path}", *MINIMAL])
     original = MetricsLog.log
 
     def stop_in_ppo(self, step, row):

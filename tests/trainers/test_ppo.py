@@ -12,14 +12,21 @@ from llmstack.config import PPOConfig, load_config
 from llmstack.data.chat import ensure_chat_template
 from llmstack.data.synthetic import corpus, instructions
 from llmstack.data.text import train_tokenizer
+from llmstack.kernels import resolve
 from llmstack.models.causal_lm import build_from_preset, load_causal_lm, save_model
-from llmstack.rl.advantages import RunningMoments, last_token_index
-from llmstack.models.generation import HFGenerator
-from llmstack.rl.rollout import response_logprobs, response_mask
+from llmstack.models.engines.hf import HFEngine
+from llmstack.models.forward import token_logprobs
+from llmstack.models.reward_model import RewardModelScores, load_reward_model, sequence_scores
+from llmstack.rl.advantages import last_token_index
+from llmstack.rl.experience import response_mask
+from llmstack.rl.rewards import RewardInputs, RewardNormaliser
+from llmstack.rl.rollout import SamplingSettings
 from llmstack.tracking.metrics import MetricsLog
 from llmstack.trainers import distributed
-from llmstack.trainers.ppo import generate, load_prompts, ppo, score
-from llmstack.trainers.reward import load_reward_model, sequence_scores
+from llmstack.trainers.ppo import load_prompts, ppo, settings_of
+from llmstack.trainers.rl_phases import RLModels, generate, score
+
+REFERENCE = resolve("reference", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def config(tmp_path, models, name, *overrides):
     return load_config(PPOConfig, None, [
         f"output_dir={tmp_path / name}", f"model.name_or_path={policy}", f"reward_model.name_or_path={rm}",
         "data.train=synthetic:64", "train.max_steps=4", "train.batch_size=4", "train.lr=1e-3", "train.save_every=2",
-        "ppo.rollout_batch=8", "ppo.max_new_tokens=8", "ppo.kl_target=null", "samples_per_step=2", *overrides])
+        "rollout.batch_size=8", "rollout.max_new_tokens=8", "ppo.kl_target=null", "samples_per_step=2", *overrides])
 
 
 def test_policy_equal_to_reference_gives_zero_kl_and_unit_first_ratio(tmp_path, models):
@@ -48,12 +55,14 @@ def test_policy_equal_to_reference_gives_zero_kl_and_unit_first_ratio(tmp_path, 
     reward_model = load_reward_model(str(rm_path), tokenizer, 0).eval()
     value = load_reward_model(str(rm_path), tokenizer, 0)
     rows, _ = load_prompts(cfg, tokenizer)
-    gen = HFGenerator(8, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine = HFEngine(SamplingSettings(8, 1.0), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    exp = score(acc, generate(acc, policy, rows.rows(torch.arange(8)), gen, 0, 0), policy, reference, reward_model, value,
-                0.1, cfg, RunningMoments())
+    exp = generate(acc, engine, policy, rows.rows(torch.arange(8)), 0, 0)
+    inputs = RewardInputs(exp, [None] * len(exp), lambda e: [])
+    exp = score(acc, exp, RLModels(policy, reference, value), inputs, [(RewardModelScores(reward_model), 1.0)],
+                RewardNormaliser(True, None), 0.1, settings_of(cfg)[1], REFERENCE)
     assert torch.equal(exp.logp, exp.ref_logp) and exp.kl.abs().sum() == 0
-    again, _ = response_logprobs(policy, *exp.response_args(torch.arange(4)), 1.0)
+    again, _ = token_logprobs(policy, *exp.response_args(torch.arange(4)), 1.0, REFERENCE)
     assert torch.equal(torch.exp(again - exp.logp[:4]), torch.ones_like(again))
 
 
@@ -129,19 +138,19 @@ def test_fused_logprobs_match_the_stock_logits_on_left_padded_rollouts(tmp_path,
     rows, _ = load_prompts(config(tmp_path, models, "x", f"data.train={tmp_path / 'prompts.jsonl'}"), tokenizer)
     assert (rows.attention_mask == 0).any(-1).sum() == 6, "six of the eight prompts are left-padded"
     policy = load_causal_lm(str(policy_path))
-    gen = HFGenerator(8, 0.7, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    engine = HFEngine(SamplingSettings(8, 0.7), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    exp = generate(Accelerator(cpu=True), policy, rows.rows(torch.arange(8)), gen, 0, 0)
+    exp = generate(Accelerator(cpu=True), engine, policy, rows.rows(torch.arange(8)), 0, 0)
     out = {}
-    for impl in ("reference", "chunked"):
+    for kernels in ("reference", "auto"):  # on CPU, auto is the chunked torch path
         policy.zero_grad()
-        logp, entropy = response_logprobs(policy, *exp.response_args(), 0.7, with_entropy=True, impl=impl)
+        logp, entropy = token_logprobs(policy, *exp.response_args(), 0.7, resolve(kernels, "cpu"), with_entropy=True)
         ((logp + 0.1 * entropy) * exp.mask).sum().backward()
-        out[impl] = logp, entropy, {n: p.grad.clone() for n, p in policy.named_parameters()}
-    torch.testing.assert_close(out["chunked"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["chunked"][1], out["reference"][1], rtol=1e-5, atol=1e-5)
+        out[kernels] = logp, entropy, {n: p.grad.clone() for n, p in policy.named_parameters()}
+    torch.testing.assert_close(out["auto"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["auto"][1], out["reference"][1], rtol=1e-5, atol=1e-5)
     for name, grad in out["reference"][2].items():
-        torch.testing.assert_close(out["chunked"][2][name], grad, rtol=1e-4, atol=1e-5)  # fp32 sums, other order
+        torch.testing.assert_close(out["auto"][2][name], grad, rtol=1e-4, atol=1e-5)  # fp32 sums, other order
 
 
 def test_lora_policy_uses_its_base_model_as_the_reference(tmp_path, models):

@@ -13,7 +13,10 @@ from llmstack.data.synthetic import corpus, preferences
 from llmstack.data.text import train_tokenizer
 from llmstack.losses import ranking_loss_sum
 from llmstack.models.causal_lm import build_from_preset, save_model
-from llmstack.trainers.reward import group_scores, load_reward_model, reward, sequence_scores
+from llmstack.models.reward_model import load_reward_model, sequence_scores
+from llmstack.trainers.reward import group_scores, reward
+
+from helpers import assert_close_sums  # noqa: E402  (tests/trainers)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,9 @@ def test_score_is_read_at_the_last_real_token_under_left_and_right_padding(backb
 
 def test_one_shared_prompt_pass_scores_and_trains_like_each_response_alone(backbone):
     """The reference: every response scored as its own prompt + response sequence (sequence_scores), the
-    ranking loss on those scores and its gradient; the shared-prompt rows must give the same."""
+    ranking loss on those scores and its gradient; the shared-prompt rows must give the same, up to fp32
+    round-off (`assert_close_sums`: the longest sums behind a gradient run over the batch's tokens times
+    the MLP's width). A position or mask error moves them by orders of magnitude more."""
     path, tokenizer = backbone
     ensure_chat_template(tokenizer)
     groups = [PreferenceGroup("The fox and the owl. What is two plus two? ", ["Four.", "Nine, I think.", "Five"],
@@ -63,6 +68,7 @@ def test_one_shared_prompt_pass_scores_and_trains_like_each_response_alone(backb
     rows = build_preference_rows(groups, tokenizer, max_length=64)
     batch = rows.rows(torch.arange(len(groups)))
     model = load_reward_model(str(path), tokenizer, seed=0)
+    n_terms = int((batch["segment_ids"] >= 0).sum()) * model.config.intermediate_size
 
     def grads(loss):
         model.zero_grad()
@@ -79,11 +85,11 @@ def test_one_shared_prompt_pass_scores_and_trains_like_each_response_alone(backb
     reference_grads = grads(reference_loss)
 
     shared = group_scores(model, batch)
-    torch.testing.assert_close(shared, alone.detach(), rtol=1e-5, atol=1e-5)
+    assert_close_sums(shared, alone, n_terms)
     loss = ranking_loss_sum(shared, batch["ranks"], batch["margins"])
-    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert_close_sums(loss, reference_loss, n_terms)
     for got, expected in zip(grads(loss), reference_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        assert_close_sums(got, expected, n_terms)
     assert rows.stats["sharing_factor"] > 1.3  # the first group's long prompt is computed once, not thrice
 
 

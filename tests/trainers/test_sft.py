@@ -10,9 +10,12 @@ from llmstack.config import SFTConfig, load_config
 from llmstack.data.chat import DEFAULT_CHAT_TEMPLATE, block_causal_mask, build_rows, ensure_chat_template, tokenize_conversation
 from llmstack.data.synthetic import corpus, instructions
 from llmstack.data.text import train_tokenizer
+from llmstack.kernels import resolve
 from llmstack.losses import count_targets
 from llmstack.models.causal_lm import build_from_preset, save_model
 from llmstack.trainers.sft import _sft_loss_sum, sft
+
+REFERENCE = resolve("reference", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def base(tmp_path_factory):
 def loss_and_grads(model, rows):
     model.zero_grad()
     batch = rows.rows(torch.arange(len(rows)))
-    loss = _sft_loss_sum(model, batch) / count_targets(batch["labels"])
+    loss = _sft_loss_sum(model, batch, REFERENCE) / count_targets(batch["labels"])
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -149,7 +152,7 @@ def test_a_batch_cut_to_its_longest_row_has_the_full_width_loss_and_gradients(ba
 
     def loss_and_grads_of(batch):
         model.zero_grad()
-        loss = _sft_loss_sum(model, batch)
+        loss = _sft_loss_sum(model, batch, REFERENCE)
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 

@@ -22,7 +22,7 @@ from llmstack.config import PretrainConfig, load_config
 from llmstack.data.chat import ensure_chat_template
 from llmstack.models.causal_lm import load_causal_lm, load_tokenizer, save_model
 from llmstack.trainers.pretrain import pretrain
-from llmstack.trainers.reward import load_reward_model
+from llmstack.models.reward_model import load_reward_model
 
 from helpers import assert_same_updates, initial_params, params  # noqa: E402  (tests/trainers)
 
@@ -114,7 +114,11 @@ def pretrained(tmp_path_factory):
     pretrain(load_config(PretrainConfig, None, [f"output_dir={root / 'pre'}", *COMMON, "train.batch_size=4"]))
     tokenizer = load_tokenizer(str(root / "pre" / "model"))
     ensure_chat_template(tokenizer)
-    save_model(load_reward_model(str(root / "pre" / "model"), tokenizer, seed=1), tokenizer, root / "rm")
+    reward_model = load_reward_model(str(root / "pre" / "model"), tokenizer, seed=1)
+    # statistics as the reward stage stores them: PPO must normalise with these under every layout (a
+    # DeepSpeed engine once hid them, and running statistics were used instead)
+    reward_model.config.reward_mean, reward_model.config.reward_std = 0.25, 3.0
+    save_model(reward_model, tokenizer, root / "rm")
     return root
 
 
@@ -177,7 +181,7 @@ def test_sharded_sft_matches_one_process_reloads_whole_and_resumes_exactly(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-PPO = ["data.train=synthetic:32", "train.max_steps=3", "train.lr=1e-3", "ppo.max_new_tokens=6", "ppo.epochs=2",
+PPO = ["data.train=synthetic:32", "train.max_steps=3", "train.lr=1e-3", "rollout.max_new_tokens=6", "ppo.epochs=2",
        "ppo.kl_target=null", "train.save_every=3"]
 
 
@@ -188,19 +192,19 @@ def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained, layout):
     and takes each epoch as one minibatch, so the global batch of every update is the 1-process one. Under
     ZeRO-3 an interrupted run also resumes to exactly the uninterrupted one."""
     models = [f"model.name_or_path={pretrained / 'pre' / 'model'}", f"reward_model.name_or_path={pretrained / 'rm'}"]
-    launch_two("ppo", tmp_path / "two", *models, *PPO, "ppo.rollout_batch=4", "train.batch_size=4", layout=layout)
+    launch_two("ppo", tmp_path / "two", *models, *PPO, "rollout.batch_size=4", "train.batch_size=4", layout=layout)
     config_cls, target = STAGES["ppo"]
     module, func = target.split(":")
     getattr(importlib.import_module(module), func)(load_config(config_cls, None, [
-        f"output_dir={tmp_path / 'one'}", *models, *PPO, "ppo.rollout_batch=8", "train.batch_size=8"]))
+        f"output_dir={tmp_path / 'one'}", *models, *PPO, "rollout.batch_size=8", "train.batch_size=8"]))
     two, one = metric_rows(tmp_path / "two"), metric_rows(tmp_path / "one")
     assert len(two) == len(one) == 3
-    for key in ("reward", "kl", "response_length", "loss", "value_loss", "approx_kl", "entropy"):
+    for key in ("reward", "reward_normalised", "kl", "response_length", "loss", "value_loss", "approx_kl", "entropy"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-3, abs=1e-5), key
     assert one[-1]["kl"] != 0.0, "the policy must have moved for the comparison to mean anything"
     assert_reloads_to_the_same_logits(tmp_path / "two")
     if layout == "zero3":  # four DeepSpeed engines in one checkpoint: two trained, two frozen
-        args = [*models, *PPO, "ppo.rollout_batch=4", "train.batch_size=4"]
+        args = [*models, *PPO, "rollout.batch_size=4", "train.batch_size=4"]
         assert launch_two("ppo", tmp_path / "split", *args, layout=layout, stop_at=2)["status"] == "interrupted"
         assert launch_two("ppo", tmp_path / "split", *args, layout=layout)["status"] == "finished"
         assert without_timing(metric_rows(tmp_path / "split")) == without_timing(two)

@@ -14,10 +14,14 @@ import torch
 
 from llmstack.data import synthetic
 from llmstack.data.chat import ensure_chat_template
+from llmstack.data.prompts import left_padded
+from llmstack.kernels import resolve
 from llmstack.models.causal_lm import load_causal_lm, load_tokenizer
-from llmstack.models.generation import HFGenerator
-from llmstack.rl.rollout import join, response_logprobs, response_mask
-from llmstack.trainers.reward import load_reward_model, sequence_scores
+from llmstack.models.engines import build_engine
+from llmstack.models.forward import token_logprobs
+from llmstack.models.reward_model import load_reward_model, sequence_scores
+from llmstack.rl.experience import join
+from llmstack.rl.rollout import SamplingSettings, rollout
 
 
 @dataclass
@@ -35,43 +39,33 @@ class PolicyReading:
     answers: int
 
 
-def _left_padded(tokenizer, conversations, device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                      add_special_tokens=False)["input_ids"] for c in conversations]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    return ids, mask
-
-
 @torch.no_grad()
 def read_policy(policy_dir: str, reference_dir: str, reward_dir: str, questions: list[list[dict]], *,
-                samples: int, temperature: float, max_new_tokens: int, seed: int,
-                batch: int = 64) -> PolicyReading:
-    """Sample `samples` answers per question from the policy at `temperature` (as PPO samples them) and read
-    each one: gold reward, reward-model score, and log pi(answer) - log ref(answer) summed over its tokens,
-    whose mean over samples from pi is the KL(pi || ref) per answer."""
+                samples: int, sampling: SamplingSettings, engine: str, seed: int, batch: int = 64) -> PolicyReading:
+    """Sample `samples` answers per question from the policy as RL samples them (`sampling`, through the
+    rollout engine named `engine`) and read each one: gold reward, reward-model score, and
+    log pi(answer) - log ref(answer) summed over its tokens, whose mean over samples from pi is the
+    KL(pi || ref) per answer."""
     tokenizer = load_tokenizer(policy_dir)
     ensure_chat_template(tokenizer)
     policy, reference = load_causal_lm(policy_dir).eval(), load_causal_lm(reference_dir).eval()
     scorer = load_reward_model(reward_dir, tokenizer, seed).eval()
-    generate = HFGenerator(max_new_tokens, temperature, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    generator = build_engine(engine, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    generator.load_weights(policy)
+    kernels = resolve("reference", "cpu")
     torch.manual_seed(seed)
     conversations = [c for c in questions for _ in range(samples)]
     gold, scores, kls, verdicts = [], [], [], []
     for start in range(0, len(conversations), batch):
         chunk = conversations[start:start + batch]
-        prompt_ids, prompt_mask = _left_padded(tokenizer, chunk, "cpu")
-        response_ids = generate(policy, prompt_ids, prompt_mask)
-        mask, _ = response_mask(response_ids, tokenizer.eos_token_id)
-        logp, _ = response_logprobs(policy, prompt_ids, prompt_mask, response_ids, mask, temperature)
-        ref_logp, _ = response_logprobs(reference, prompt_ids, prompt_mask, response_ids, mask, temperature)
-        kls += ((logp - ref_logp) * mask).sum(-1).tolist()
-        ids, full_mask, _ = join(prompt_ids, prompt_mask, response_ids, mask)
+        rows = left_padded(tokenizer, chunk)
+        exp = rollout(generator, rows.input_ids, rows.attention_mask, rows.index, None)
+        logp, _ = token_logprobs(policy, *exp.response_args(), sampling.temperature, kernels)
+        ref_logp, _ = token_logprobs(reference, *exp.response_args(), sampling.temperature, kernels)
+        kls += ((logp - ref_logp) * exp.mask).sum(-1).tolist()
+        ids, full_mask, _ = join(*exp.response_args())
         scores += sequence_scores(scorer, ids, full_mask).tolist()
-        for conversation, row, m in zip(chunk, response_ids, mask):
+        for conversation, row, m in zip(chunk, exp.response_ids, exp.mask):
             answer = tokenizer.decode(row[m.bool()], skip_special_tokens=True)
             question = conversation[-1]["content"]
             gold.append(synthetic.gold_reward(question, answer))

@@ -1,10 +1,11 @@
 """`llmstack pipeline`: curate -> pretrain -> SFT -> reward model -> PPO in one directory, then REPORT.md.
 
 Each stage runs in `output_dir/<stage>/` and starts from the previous stage's `model/` (pretraining: the
-curation run's `data/`) wherever its config says 'previous'. A finished stage is skipped on a re-run and an interrupted one resumes, because each stage
-already behaves that way on its own directory. The report reads the stages' records and adds the measures
-only the pipeline can take: answer accuracy before/after SFT, the reward model's agreement with the gold
-rubric, and PPO with the KL penalty switched off.
+curation run's `data/`) wherever its config says 'previous'. A finished stage is skipped on a re-run and an
+interrupted one resumes, because each stage already behaves that way on its own directory. The report
+(`llmstack.evaluation.report`) reads the stages' records and adds the measures only the pipeline can take:
+answer accuracy before/after SFT, the reward model's agreement with the gold rubric, and PPO with the KL
+penalty switched off. This module sits above the trainers and evaluation, beside the command line.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from llmstack.config import PREVIOUS, PipelineConfig
 from llmstack.data.curate import curate
+from llmstack.evaluation.report import write_report
 from llmstack.trainers.base import log
-from llmstack.trainers.evidence import write_report
 from llmstack.trainers.ppo import ppo
 from llmstack.trainers.pretrain import pretrain
 from llmstack.trainers.reward import reward

@@ -8,19 +8,14 @@ rubric next to the annotators' own, and the gold reward under PPO with and witho
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 from pathlib import Path
 
-import torch
-
 from llmstack.data import synthetic
-from llmstack.data.chat import ensure_chat_template
-from llmstack.data.preference import render
-from llmstack.models.causal_lm import load_causal_lm, load_tokenizer
-from llmstack.trainers.policy_eval import PolicyReading, read_policy
-from llmstack.trainers.reward import load_reward_model, sequence_scores
-from llmstack.tracking.plots import plot_panels, read_metrics, series
+from llmstack.evaluation.builtin_task import answer_accuracy, gold_agreement
+from llmstack.evaluation.plots import plot_panels, read_metrics, series
+from llmstack.evaluation.policy import PolicyReading, read_policy
+from llmstack.rl.rollout import SamplingSettings
 
 N_QUESTIONS = 100
 SAMPLES = 4  # answers per question when a policy is read
@@ -35,53 +30,6 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
-@torch.no_grad()
-def answer_accuracy(model_dir: Path, questions: list[list[dict]], max_new_tokens: int = 24) -> float:
-    """Share of greedy answers that restate the asked numbers with their right result, in any style."""
-    tokenizer = load_tokenizer(str(model_dir))
-    ensure_chat_template(tokenizer)
-    model = load_causal_lm(str(model_dir)).eval()
-    right = 0
-    for conversation in questions:
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        verdict = synthetic.judge(conversation[-1]["content"], answer)
-        right += bool(verdict and verdict["right"])
-    return right / len(questions)
-
-
-def _gold_pairs(record: dict):
-    """(i, j) pairs of a preference record whose gold rewards differ, i the gold winner."""
-    question = record["prompt"][-1]["content"]
-    gold = [synthetic.gold_reward(question, r) for r in record["responses"]]
-    return [(i, j) if gold[i] > gold[j] else (j, i)
-            for i, j in itertools.combinations(range(len(gold)), 2) if gold[i] != gold[j]]
-
-
-@torch.no_grad()
-def gold_agreement(reward_dir: Path, seed: int) -> tuple[float, float]:
-    """(reward model, annotators): the share of gold-ordered answer pairs each puts in the gold order, on
-    fresh built-in rankings."""
-    tokenizer = load_tokenizer(str(reward_dir / "model"))
-    ensure_chat_template(tokenizer)
-    model = load_reward_model(str(reward_dir / "model"), tokenizer, seed).eval()
-    records = synthetic.preferences(N_QUESTIONS, seed=seed + 7919)
-    model_hits = annotator_hits = total = 0
-    for record in records:
-        ids = [render(tokenizer, record["prompt"], r) for r in record["responses"]]
-        scores = [float(sequence_scores(model, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))) for x in ids]
-        position = {index: tier for tier, index in enumerate(record["ranking"])}
-        for winner, loser in _gold_pairs(record):
-            model_hits += scores[winner] > scores[loser]
-            annotator_hits += position[winner] < position[loser]
-            total += 1
-    return model_hits / total, annotator_hits / total
-
-
 def _mean_of_last(rows: list[dict], key: str, n: int = 10) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None][-n:]
     return sum(values) / len(values) if values else None
@@ -89,10 +37,10 @@ def _mean_of_last(rows: list[dict], key: str, n: int = 10) -> float | None:
 
 def _readings(root: Path, cfg, questions) -> dict[str, PolicyReading]:
     """The SFT model (PPO's reference and starting point) and each PPO policy, read on the same questions."""
-    p = cfg.ppo.ppo
+    r = cfg.ppo.rollout
+    sampling = SamplingSettings(r.max_new_tokens, r.temperature, 1.0)
     read = lambda policy: read_policy(str(policy), str(root / "sft" / "model"), str(root / "reward" / "model"),  # noqa: E731
-                                      questions, samples=SAMPLES, temperature=p.temperature,
-                                      max_new_tokens=p.max_new_tokens, seed=cfg.seed)
+                                      questions, samples=SAMPLES, sampling=sampling, engine=r.engine, seed=cfg.seed)
     out = {"SFT model (before PPO)": read(root / "sft" / "model"), "PPO, KL penalty on": read(root / "ppo" / "model")}
     if (root / "ppo-no-kl" / "model").is_dir():
         out["PPO, KL penalty off"] = read(root / "ppo-no-kl" / "model")
@@ -125,11 +73,11 @@ def write_report(root: Path, cfg) -> str:
     cm = _record(root / "curate")["data"]
     questions = synthetic.rl_prompts(N_QUESTIONS, seed=cfg.seed + 104729)
     acc_before, acc_after = answer_accuracy(pre / "model", questions), answer_accuracy(sft / "model", questions)
-    rm_gold, annotator_gold = gold_agreement(rm, cfg.seed)
+    rm_gold, annotator_gold = gold_agreement(rm, N_QUESTIONS, cfg.seed)
     alpha = _record(rm)["annotators"]["krippendorff_alpha"]
     readings = _readings(root, cfg, questions)
     before, after = readings["SFT model (before PPO)"], readings["PPO, KL penalty on"]
-    p = cfg.ppo.ppo
+    p, rollout_cfg = cfg.ppo.ppo, cfg.ppo.rollout
     lines = ["# Pipeline report", "", f"Pipeline directory `{root}`; every stage's lineage is in its `record.json`.",
              "", "| stage | measure | before → after |", "|---|---|---|",
              f"| curate | documents (words) | {cm['documents_in']:,} ({cm['words_in']:,}) → {cm['documents_out']:,} "
@@ -152,7 +100,7 @@ def write_report(root: Path, cfg) -> str:
              f"(their Krippendorff's alpha with each other: {alpha if alpha is None else round(alpha, 3)}).", "",
              "## PPO, with and without the KL penalty", "",
              f"{SAMPLES} answers to each of the same {N_QUESTIONS} new questions per model, sampled at temperature "
-             f"{p.temperature} as in training. Gold reward: 1.5 right / 0.5 wrong, +0.3 polite, -0.3 rude, "
+             f"{rollout_cfg.temperature} as in training. Gold reward: 1.5 right / 0.5 wrong, +0.3 polite, -0.3 rude, "
              "-0.1 padded, 0 for text that is no answer. KL: mean over answers of log pi - log ref.", "",
              "| model | gold reward | reward-model score | KL | right | polite | rude | padded | not an answer |",
              "|---|---|---|---|---|---|---|---|---|"]

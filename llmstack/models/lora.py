@@ -1,0 +1,48 @@
+"""Low-rank adapters (peft) and activation checkpointing on a Hugging Face model, and the adapter-disabled
+reference that lets RL keep one copy of the weights for the policy and the frozen reference."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def prepare_for_training(model, lora, gradient_checkpointing: bool):
+    """`model` with activation checkpointing (recompute in the backward pass) when asked, and wrapped in
+    LoRA adapters when `lora.enabled` (a `llmstack.config.LoraConfig`); QLoRA's 4-bit base is prepared for
+    training first."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora.enabled:
+        return model
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("lora.enabled needs peft (and lora.load_in_4bit bitsandbytes): "
+                          "pip install 'llmstack[lora]'") from err
+    if lora.load_in_4bit:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def adapters_disabled(model) -> contextlib.AbstractContextManager:
+    """Inside the block, the LoRA model computes as its frozen base: the reference policy, with no second
+    copy of the weights. `model` may be wrapped (DDP, a DeepSpeed engine)."""
+    inner = model
+    while not hasattr(inner, "disable_adapter") and hasattr(inner, "module"):
+        inner = inner.module
+    if not hasattr(inner, "disable_adapter"):
+        raise ValueError(f"{type(inner).__name__} has no adapters to disable: the reference needs a LoRA policy")
+    return inner.disable_adapter()
+
+
+def has_adapters(model) -> bool:
+    return hasattr(model, "merge_and_unload")
+
+
+def merged(model):
+    """A plain Hugging Face model with the adapters added into the base weights (for saving)."""
+    return model.merge_and_unload()

@@ -1,0 +1,83 @@
+"""Reward and value models: a one-label `AutoModelForSequenceClassification` on a causal-LM backbone, and the
+scores it gives.
+
+A score is read at a sequence's last real token (found from the attention mask, so left and right padding
+agree), with the score head applied at the chosen positions only. The reward stage stores the mean and
+standard deviation of its held-out scores in the model's config (`reward_mean`, `reward_std`); `statistics`
+reads them back for reward normalisation in RL.
+
+Shape legend: R sequences, T positions, N rankings, K responses per ranking, H hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
+from llmstack.rl.experience import join
+
+
+def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code: bool = False):
+    """A one-label sequence classifier; a new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et
+    al. 2019, so early rewards are near zero and the backbone's features dominate the first updates. Value
+    models are loaded the same way (they start from a reward model, or a policy)."""
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32,
+                                                               trust_remote_code=trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not any(a.endswith("ForSequenceClassification") for a in getattr(model.config, "architectures", None) or []):
+        generator = torch.Generator().manual_seed(seed)
+        hidden = model.score.weight.shape[1]
+        with torch.no_grad():
+            model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=generator) / math.sqrt(hidden + 1))
+    return model
+
+
+def statistics(model) -> tuple[float, float] | None:
+    """(reward_mean, reward_std) the reward stage stored in the model's Hugging Face config, or None. Reads
+    through any wrapper: a DeepSpeed engine's own `.config` is DeepSpeed's dict, not the model's."""
+    config = unwrap(model).config
+    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    return None if mean is None or std is None else (float(mean), float(std))
+
+
+def sequence_scores(model, input_ids_RT: torch.Tensor, attention_mask_RT: torch.Tensor) -> torch.Tensor:
+    """[R] scores at each sequence's last real token, in fp32 (or the model's wider dtype). Goes through the (possibly distributed)
+    model's own forward so DDP/FSDP hooks run, then applies the score head to the chosen positions only."""
+    # positions count real tokens only, so a left-padded sequence is seen exactly as it is alone
+    positions_RT = (attention_mask_RT.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids_RT, attention_mask=attention_mask_RT, position_ids=positions_RT,
+                output_hidden_states=True)
+    hidden_RTH = out.hidden_states[-1]
+    columns = torch.arange(input_ids_RT.shape[1], device=input_ids_RT.device)
+    last_R = (columns * attention_mask_RT).argmax(-1)
+    rows = torch.arange(len(last_R), device=last_R.device)
+    return at_least_fp32(apply_head(score_head(model), hidden_RTH[rows, last_R]).squeeze(-1))
+
+
+def scores_at(model, input_ids_NT: torch.Tensor, attention_mask, position_ids_NT: torch.Tensor,
+              index_NK: torch.Tensor) -> torch.Tensor:
+    """[N, K] scores read at positions `index_NK` of each row, from one forward pass: K responses sharing a
+    row (with an attention mask that keeps them apart, see `llmstack.data.preference.shared_prompt_mask`)
+    are scored together. In fp32 (or the model's wider dtype)."""
+    out = model(input_ids=input_ids_NT, attention_mask=attention_mask, position_ids=position_ids_NT,
+                output_hidden_states=True)
+    hidden_NTH = out.hidden_states[-1]
+    rows = torch.arange(hidden_NTH.shape[0], device=hidden_NTH.device)[:, None]
+    return at_least_fp32(apply_head(score_head(model), hidden_NTH[rows, index_NK]).squeeze(-1))
+
+
+class RewardModelScores:
+    """A reward model as a reward source (`llmstack.rl.rewards.RewardSource`): each response's score at its
+    last token, after its prompt, as the reward stage trained it to score."""
+
+    def __init__(self, model, name: str = "reward_model"):
+        self.model, self.name = model, name
+
+    @torch.no_grad()
+    def __call__(self, inputs) -> torch.Tensor:
+        exp = inputs.exp
+        ids, attention, _ = join(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
+        return sequence_scores(self.model, ids, attention)
