@@ -80,8 +80,8 @@ def check_group_size(name: str, group_size: int, batch_size: int) -> None:
         raise ValueError(f"unknown advantage estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
     least = ESTIMATORS[name].min_group_size
     if group_size < least:
-        raise ValueError(f"the {name} estimator compares samples of the same prompt and needs a group size of "
-                         f"at least {least}, got {group_size}")
+        raise ValueError(f"the {name} estimator needs a group size (samples per prompt) of at least {least}, "
+                         f"got {group_size}")
     if batch_size % group_size:
         raise ValueError(f"{batch_size} sequences do not split into groups of {group_size} samples per prompt; "
                          f"the batch per process must be a multiple of the group size")
