@@ -61,7 +61,7 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[PromptRows, list[list[dict]
 def settings_of(cfg: PPOConfig) -> tuple[SamplingSettings, ScoreSettings, UpdateSettings]:
     r, p, train = cfg.rollout, cfg.ppo, cfg.train
     return (SamplingSettings(r.max_new_tokens, r.temperature, r.top_p),
-            ScoreSettings(r.temperature, p.kl_estimator, p.kl_in == "reward", p.missing_eos_penalty, p.reward_clip,
+            ScoreSettings("gae", r.temperature, p.kl_estimator, p.kl_in == "reward", p.missing_eos_penalty, p.reward_clip,
                           p.gamma, p.lam, p.whiten_advantages),
             UpdateSettings(p.epochs, train.batch_size, p.clip, p.value_clip, r.temperature, p.kl_estimator,
                            p.kl_in == "loss", train.max_grad_norm, cfg.seed, p.ptx_coef))

@@ -21,7 +21,8 @@ from llmstack.kernels import KernelPlan
 from llmstack.losses import count_targets, ppo_policy_loss_sum, value_loss_sum
 from llmstack.models.forward import lm_loss_sum, token_logprobs, token_values
 from llmstack.models.lora import adapters_disabled
-from llmstack.rl.advantages import gae, masked_mean_var, token_rewards, whiten
+from llmstack.rl.advantages import masked_mean_var
+from llmstack.rl.estimators import ESTIMATORS, EstimatorSettings
 from llmstack.rl.experience import Experience
 from llmstack.rl.kl import KL_ESTIMATORS
 from llmstack.rl.rewards import RewardInputs, RewardNormaliser, combined
@@ -47,6 +48,7 @@ class RLModels:
 
 @dataclass(frozen=True)
 class ScoreSettings:
+    estimator: str  # the advantage estimator's name in llmstack.rl.estimators.ESTIMATORS
     temperature: float  # the sampling temperature, at which log-probabilities are recomputed
     kl_estimator: str  # k1 | k2 | k3 (llmstack.rl.kl)
     kl_in_reward: bool  # the KL penalty goes into the per-token reward (else it is a loss term)
@@ -84,8 +86,8 @@ def generate(acc, engine: RolloutEngine, policy, prompts: dict, seed: int, step:
 @torch.no_grad()
 def score(acc, exp: Experience, models: RLModels, inputs: RewardInputs, sources: list, normaliser: RewardNormaliser,
           kl_coef: float, settings: ScoreSettings, kernels: KernelPlan) -> Experience:
-    """Fill in everything the update needs: old and reference log-probabilities, values, scores, per-token
-    rewards, advantages and returns."""
+    """Fill in everything the update needs: old and reference log-probabilities, values, scores, the per-token
+    KL, and advantages and returns from the estimator."""
     s = settings
     exp.logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
     if models.reference is None:
@@ -102,10 +104,10 @@ def score(acc, exp: Experience, models: RLModels, inputs: RewardInputs, sources:
         scores = scores.clamp(-s.reward_clip, s.reward_clip)
     exp.scores = scores
     exp.kl = KL_ESTIMATORS[s.kl_estimator](exp.logp, exp.ref_logp) * exp.mask
-    rewards = token_rewards(scores, exp.kl, exp.mask, kl_coef if s.kl_in_reward else 0.0)
-    exp.advantages, exp.returns = gae(rewards, exp.values, exp.mask, s.gamma, s.lam)
-    if s.whiten_advantages:
-        exp.advantages = whiten(exp.advantages, exp.mask, lambda t: acc.reduce(t, "sum"))
+    estimate = EstimatorSettings(kl_coef=kl_coef if s.kl_in_reward else 0.0, gamma=s.gamma, lam=s.lam,
+                                 whiten=s.whiten_advantages)
+    exp.advantages, exp.returns = ESTIMATORS[s.estimator].fn(scores, exp.kl, exp.mask, exp.values, estimate,
+                                                             lambda t: acc.reduce(t, "sum"))
     return exp
 
 
