@@ -100,8 +100,9 @@ class PretrainConfig:
 
 @dataclass
 class ChatDataConfig:
-    train: str = option("synthetic", "Conversations: JSONL/JSON/Parquet files or a directory of them with "
-                        "{'messages'} or {'prompt', 'completion'} records, a `datasets` name, or 'synthetic'.")
+    train: str = option("synthetic", "SFT examples: JSONL/JSON/Parquet files or a directory of them with "
+                        "{'text'}, {'messages'} or {'prompt', 'completion'} records (README, Data formats), a "
+                        "`datasets` name, or 'synthetic'.")
     eval: str | None = option(None, "Held-out conversations; default: a slice of data.train (data.eval_fraction).")
     eval_fraction: float = option(0.05, "Share of conversations held out when data.eval is not set.",
                                   ge=0.0, le=0.5)

@@ -13,6 +13,7 @@ import torch
 
 from llmstack.config import SFTConfig
 from llmstack.data import batching, chat, sources
+from llmstack.data.formats import prompt_ids
 from llmstack.data.text import is_held_out
 from llmstack.losses import count_targets
 from llmstack.models import causal_lm
@@ -45,9 +46,9 @@ def sft_objective(impl: str) -> SupervisedObjective:
 def load_conversations(cfg: SFTConfig) -> tuple[list, list]:
     d = cfg.data
     fields = chat.ChatFields(d.messages_field, d.prompt_field, d.completion_field)
-    conversations = list(chat.iter_conversations(d.train, fields))
+    conversations = list(chat.iter_examples(d.train, fields))
     if d.eval:
-        return conversations, list(chat.iter_conversations(d.eval, fields))
+        return conversations, list(chat.iter_examples(d.eval, fields))
     train, held_out = [], []
     for index, conversation in enumerate(conversations):
         (held_out if is_held_out(index, d.eval_fraction, cfg.seed) else train).append(conversation)
@@ -73,14 +74,9 @@ def apply_lora(model, lora, gradient_checkpointing: bool):
     return peft.get_peft_model(model, config)
 
 
-def _prompt_of(conversation: list[dict]) -> tuple[list[dict], str]:
-    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
-    return conversation[:last], conversation[last]["content"]
-
-
 def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: int):
     """Greedy answers to the first `n` held-out prompts at every evaluation, appended to samples.jsonl."""
-    prompts = [_prompt_of(c) for c in conversations[:n]]
+    prompts = chat.sample_prompts(conversations, n)
 
     @torch.no_grad()
     def write(model, step: int) -> dict:
@@ -90,8 +86,7 @@ def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: i
         model.eval()
         with open(run.dir / "samples.jsonl", "a") as fh:
             for messages, reference in prompts:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)["input_ids"].to(run.accelerator.device)
+                ids = torch.tensor([prompt_ids(tokenizer, messages)], device=run.accelerator.device)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                      max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                      pad_token_id=tokenizer.pad_token_id)
@@ -116,7 +111,7 @@ def sft(cfg: SFTConfig) -> LoopResult | None:
     if template_added:
         log.info("sft: the tokenizer has no chat template; using llmstack's default (saved with the model)")
     train_conv, held_conv = load_conversations(cfg)
-    encode = lambda convs: [chat.tokenize_conversation(tokenizer, c) for c in convs]  # noqa: E731
+    encode = lambda convs: [chat.tokenize_example(tokenizer, c) for c in convs]  # noqa: E731
     train_rows = chat.build_rows(encode(train_conv), d.max_length, tokenizer.pad_token_id, d.packing, d.overlong)
     held_rows = chat.build_rows(encode(held_conv), d.max_length, tokenizer.pad_token_id, d.packing, d.overlong) \
         if held_conv else None

@@ -1,0 +1,124 @@
+"""Every TRL dataset type and form a stage takes, rendered by llmstack and by TRL 1.16 itself (its trainers'
+own dataset preparation on a tiny model), must give the same token ids and loss labels. Each test runs on two
+tokenizers: one that adds no special tokens and one that starts every text with BOS, as Llama's does."""
+
+import copy
+import json
+
+import pytest
+from datasets import Dataset
+from tokenizers import Tokenizer, processors
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from trl import SFTConfig, SFTTrainer
+
+from llmstack.data.chat import DEFAULT_CHAT_TEMPLATE, iter_examples, tokenize_example
+from llmstack.data.text import SPECIAL_TOKENS
+
+# TRL 1.16 sets a training argument that transformers 5.24 has renamed
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
+# DEFAULT_CHAT_TEMPLATE with TRL's {% generation %} markers around each answer and its end-of-turn token: the
+# same text, and the marked span is what llmstack's assistant-only labels cover.
+MARKED_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+
+TEXTS = ["The owl flies over the hill.", "Two plus two is four.", "naïve café — 東京 ✓",
+         "Tabs\tand\nnewlines {braces}", "It already ends with its end.<|eos|>"]
+CONVERSATIONS = [
+    [user("What is two plus two?"), assistant("Four.")],
+    [SYSTEM, user("What is two plus two?"), assistant("Four."), user("And minus one?"), assistant("Three.")],
+    [user("naïve café?"), assistant(" A café — 東京.")],
+    [user("Say hi"), assistant("hi"), user("again"), assistant("hi again")],
+    [SYSTEM, user("Tabs\tand\nnewlines"), assistant("{braces}\n")],
+]
+# prompts ending in a space: tokens merge across the prompt's end, where TRL starts the loss where the prompt
+# alone and the whole text part
+PROMPT_COMPLETIONS = [{"prompt": "The sky is", "completion": " blue."}, {"prompt": "The sky is ", "completion": "blue."},
+                      {"prompt": "Q: two plus two?\nA:", "completion": " four"},
+                      {"prompt": "naïve ", "completion": "café — 東京"},
+                      {"prompt": "Ends", "completion": " with its end.<|eos|>"}]
+CHAT_PROMPT_COMPLETIONS = [{"prompt": c[:-1], "completion": c[-1:]} for c in CONVERSATIONS]
+
+
+@pytest.fixture(params=["no special tokens", "BOS"])
+def tok(request, tokenizer):
+    raw = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    if request.param == "BOS":
+        raw.post_processor = processors.TemplateProcessing(single="<|bos|> $A",
+                                                           special_tokens=[("<|bos|>", tokenizer.bos_token_id)])
+    fresh = PreTrainedTokenizerFast(tokenizer_object=raw, **SPECIAL_TOKENS)
+    fresh.chat_template = DEFAULT_CHAT_TEMPLATE
+    return fresh
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def tiny_config(tok, **extra):
+    return LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id, **extra)
+
+
+def trl_sft(tok, records, tmp_path, **options):
+    """(input_ids, labels) of each record as TRL's SFTTrainer prepares it (its defaults unless `options`)."""
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None,
+                     packing=False, **options)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_config(tiny_config(tok)), args=args,
+                         train_dataset=Dataset.from_list(records), processing_class=tok)
+    return [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
+
+
+def llmstack_sft(tok, records, tmp_path):
+    return [tokenize_example(tok, e) for e in iter_examples(write_jsonl(tmp_path / "sft.jsonl", records))]
+
+
+def test_sft_standard_text_matches_trl(tok, tmp_path):
+    """{"text"}: EOS appended unless already there, special tokens as the tokenizer adds them, loss on all."""
+    records = [{"text": t} for t in TEXTS]
+    assert llmstack_sft(tok, records, tmp_path) == trl_sft(tok, records, tmp_path)
+
+
+def test_sft_conversational_messages_match_trl_with_assistant_only_loss(tok, tmp_path):
+    """{"messages"}: llmstack's loss covers the answers and their EOS: TRL with `assistant_only_loss=True`
+    and a template whose {% generation %} span is the answer and its EOS."""
+    records = [{"messages": c} for c in CONVERSATIONS]
+    marked = copy.deepcopy(tok)
+    marked.chat_template = MARKED_TEMPLATE
+    for c in CONVERSATIONS:
+        assert marked.apply_chat_template(c, tokenize=False) == tok.apply_chat_template(c, tokenize=False)
+    ours = llmstack_sft(tok, records, tmp_path)
+    assert ours == trl_sft(marked, records, tmp_path, assistant_only_loss=True)
+    assert all(any(label != -100 for label in labels) for _, labels in ours)
+
+
+def test_sft_standard_prompt_completion_matches_trl(tok, tmp_path):
+    """Text concatenation, EOS appended, loss from where the prompt alone and the whole text part (TRL's
+    default completion_only_loss)."""
+    ours = llmstack_sft(tok, PROMPT_COMPLETIONS, tmp_path)
+    assert ours == trl_sft(tok, PROMPT_COMPLETIONS, tmp_path)
+    assert tok.decode(ours[0][0]).endswith("The sky is blue.<|eos|>"), "text, not a chat template"
+
+
+def test_sft_conversational_prompt_completion_matches_trl(tok, tmp_path):
+    """The template's rendering of prompt + completion, loss on what follows the prompt and its header (TRL's
+    default completion_only_loss, which includes the template's text after the final EOS)."""
+    assert llmstack_sft(tok, CHAT_PROMPT_COMPLETIONS, tmp_path) == trl_sft(tok, CHAT_PROMPT_COMPLETIONS, tmp_path)
