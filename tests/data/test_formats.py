@@ -8,6 +8,7 @@ import pytest
 from llmstack.data.chat import iter_examples
 from llmstack.data.formats import (IMPLICIT_PREFERENCE, LANGUAGE_MODELLING, PREFERENCE, PROMPT_COMPLETION,
                                    PROMPT_ONLY, RANKING, STEPWISE, UNPAIRED_PREFERENCE, ChatFields, record_type)
+from llmstack.data.preference import iter_groups
 from llmstack.data.sources import DataError
 
 TEXT = {"text": "The sky is blue."}
@@ -43,9 +44,10 @@ def test_renamed_fields_decide_the_type():
     assert record_type({"question": "q"}, "here", fields) == PROMPT_ONLY
 
 
-READERS = {"sft": lambda spec: list(iter_examples(spec))}
-VALID = {"sft": MESSAGES}
-TAKES = {"sft": "SFT does not take; it takes 'text', 'messages', or 'prompt' and 'completion'"}
+READERS = {"sft": lambda spec: list(iter_examples(spec)), "reward": lambda spec: list(iter_groups(spec))}
+VALID = {"sft": MESSAGES, "reward": PAIR}
+TAKES = {"sft": "SFT does not take; it takes 'text', 'messages', or 'prompt' and 'completion'",
+         "reward": "reward modelling does not take; it takes 'prompt', 'chosen' and 'rejected'"}
 
 
 @pytest.mark.parametrize("stage, record, field, kind", [
@@ -55,6 +57,12 @@ TAKES = {"sft": "SFT does not take; it takes 'text', 'messages', or 'prompt' and
     ("sft", UNPAIRED, "label", "an unpaired preference"),
     ("sft", STEPWISE_RECORD, "completions", "a stepwise-supervision"),
     ("sft", RANKING_RECORD, "ranking", "a ranking"),
+    ("reward", TEXT, "text", "a language-modelling"),
+    ("reward", MESSAGES, "messages", "a language-modelling"),
+    ("reward", PROMPT, "prompt", "a prompt-only"),
+    ("reward", PROMPT_COMPLETION_RECORD, "completion", "a prompt-completion"),
+    ("reward", UNPAIRED, "label", "an unpaired preference"),
+    ("reward", STEPWISE_RECORD, "completions", "a stepwise-supervision"),
 ])
 @pytest.mark.parametrize("form", ["standard", "conversational"])
 def test_a_type_a_stage_does_not_take_is_refused_in_one_line(tmp_path, stage, record, field, kind, form):
@@ -68,7 +76,7 @@ def test_a_type_a_stage_does_not_take_is_refused_in_one_line(tmp_path, stage, re
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("stage", ["sft"])
+@pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_a_record_of_no_type_names_what_the_stage_needs(tmp_path, stage):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"question": "q"}) + "\n")

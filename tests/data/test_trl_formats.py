@@ -8,10 +8,12 @@ import json
 import pytest
 from datasets import Dataset
 from tokenizers import Tokenizer, processors
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
+from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from llmstack.data.chat import DEFAULT_CHAT_TEMPLATE, iter_examples, tokenize_example
+from llmstack.data.formats import prompt_ids
+from llmstack.data.preference import build_preference_rows, iter_groups, render
 from llmstack.data.text import SPECIAL_TOKENS
 
 # TRL 1.16 sets a training argument that transformers 5.24 has renamed
@@ -55,6 +57,18 @@ PROMPT_COMPLETIONS = [{"prompt": "The sky is", "completion": " blue."}, {"prompt
                       {"prompt": "naïve ", "completion": "café — 東京"},
                       {"prompt": "Ends", "completion": " with its end.<|eos|>"}]
 CHAT_PROMPT_COMPLETIONS = [{"prompt": c[:-1], "completion": c[-1:]} for c in CONVERSATIONS]
+PAIRS = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+         {"prompt": "Q: two plus two?\nA:", "chosen": " four", "rejected": " five"},
+         {"prompt": "naïve café", "chosen": " — 東京 ✓", "rejected": " — Paris"},
+         {"prompt": "Say hi.", "chosen": " hi<|eos|>", "rejected": " no"},
+         {"prompt": "", "chosen": "An answer with no prompt.", "rejected": "Another one."}]
+IMPLICIT_PAIRS = [{"chosen": "Q: Can I go?\nA: Don't.", "rejected": "Q: Can I go?\nA: Do it."},
+                  {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+                  {"chosen": "naïve café — 東京", "rejected": "naïve cafés"},
+                  {"chosen": "Two plus two is four.", "rejected": "Two plus two is five."},
+                  {"chosen": "Tabs\tand\nnewlines", "rejected": "Tabs\tand\nspaces"}]
+CHAT_PAIRS = [{"prompt": c[:-1], "chosen": c[-1:], "rejected": [assistant("I would rather not.")]} for c in CONVERSATIONS]
+CHAT_IMPLICIT_PAIRS = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in CHAT_PAIRS]
 
 
 @pytest.fixture(params=["no special tokens", "BOS"])
@@ -87,8 +101,26 @@ def trl_sft(tok, records, tmp_path, **options):
     return [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
 
 
+def trl_reward(tok, records, tmp_path):
+    """(chosen ids, rejected ids) of each record as TRL's RewardTrainer prepares it."""
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(tok, num_labels=1))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok)
+    return [(row["chosen_ids"], row["rejected_ids"]) for row in trainer.train_dataset]
+
+
 def llmstack_sft(tok, records, tmp_path):
     return [tokenize_example(tok, e) for e in iter_examples(write_jsonl(tmp_path / "sft.jsonl", records))]
+
+
+def llmstack_reward(tok, records, tmp_path):
+    """(chosen ids, rejected ids) read back from the shared-prompt rows: the prompt, then each response."""
+    rows = build_preference_rows(list(iter_groups(write_jsonl(tmp_path / "pairs.jsonl", records))), tok, 4096)
+    pairs = []
+    for ids, segments in zip(rows.input_ids, rows.segment_ids):
+        prompt = ids[segments == 0].tolist()
+        pairs.append(tuple(prompt + ids[segments == k].tolist() for k in (1, 2)))
+    return pairs
 
 
 def test_sft_standard_text_matches_trl(tok, tmp_path):
@@ -122,3 +154,40 @@ def test_sft_conversational_prompt_completion_matches_trl(tok, tmp_path):
     """The template's rendering of prompt + completion, loss on what follows the prompt and its header (TRL's
     default completion_only_loss, which includes the template's text after the final EOS)."""
     assert llmstack_sft(tok, CHAT_PROMPT_COMPLETIONS, tmp_path) == trl_sft(tok, CHAT_PROMPT_COMPLETIONS, tmp_path)
+
+
+@pytest.mark.parametrize("records", [PAIRS, IMPLICIT_PAIRS], ids=["explicit prompt", "implicit prompt"])
+def test_reward_standard_pairs_match_trl(tok, tmp_path, records):
+    """Standard pairs: prompt + response + EOS as one text. The records' responses start a new word, so no
+    token merges across the prompt's end (see the next test for one that does)."""
+    assert llmstack_reward(tok, records, tmp_path) == trl_reward(tok, records, tmp_path)
+
+
+def test_reward_keeps_the_prompts_own_tokens_where_trl_merges_across_its_end(tok, tmp_path):
+    """A deliberate difference: "The sky is " + "blue." tokenises as " blue" after "is" in one text, but PPO
+    samples tokens after the prompt's own tokens (" " last), so the reward model is trained on those."""
+    record = {"prompt": "The sky is ", "chosen": "blue.", "rejected": "green."}
+    (ours,) = llmstack_reward(tok, [record], tmp_path)
+    (theirs,) = trl_reward(tok, [record], tmp_path)
+    assert ours[0] == prompt_ids(tok, "The sky is ") + tok("blue.<|eos|>", add_special_tokens=False)["input_ids"]
+    assert theirs[0] == tok("The sky is blue.<|eos|>")["input_ids"] and ours[0] != theirs[0]
+    assert tok.decode(ours[0]) == tok.decode(theirs[0])
+
+
+@pytest.mark.parametrize("records", [CHAT_PAIRS, CHAT_IMPLICIT_PAIRS], ids=["explicit prompt", "implicit prompt"])
+def test_reward_conversational_pairs_match_trl_up_to_the_final_eos(tok, tmp_path, records):
+    """Conversational pairs: the template's rendering. TRL scores its last token, the newline the template
+    puts after the final EOS; llmstack scores the EOS, where PPO's policy stops, so its rows end there."""
+    ours, theirs = llmstack_reward(tok, records, tmp_path), trl_reward(tok, records, tmp_path)
+    for pair, trl_pair in zip(ours, theirs):
+        for ids, trl_ids in zip(pair, trl_pair):
+            assert ids[-1] == tok.eos_token_id and trl_ids[:len(ids)] == ids
+            assert tok.decode(trl_ids[len(ids):]) == "\n"
+
+
+def test_reward_rows_hold_what_render_scores(tok, tmp_path):
+    """The rows read back equal `render`, the sequence of one response scored alone, for every form."""
+    for records in (PAIRS, IMPLICIT_PAIRS, CHAT_PAIRS, CHAT_IMPLICIT_PAIRS):
+        groups = list(iter_groups(write_jsonl(tmp_path / "pairs.jsonl", records)))
+        expected = [tuple(render(tok, g.prompt, r) for r in g.responses) for g in groups]
+        assert llmstack_reward(tok, records, tmp_path) == expected
