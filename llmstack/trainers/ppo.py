@@ -21,8 +21,9 @@ import torch
 
 from llmstack.config import PPOConfig
 from llmstack.data import batching, synthetic
-from llmstack.data.sources import iter_records, synthetic_count
+from llmstack.data.sources import synthetic_count
 from llmstack.data.chat import ensure_chat_template
+from llmstack.data.formats import ChatFields, iter_prompts, prompt_ids
 from llmstack.data.text import pack_corpus
 from llmstack.losses import count_targets, ppo_policy_loss_sum, value_loss_sum
 from llmstack.models import causal_lm
@@ -63,14 +64,8 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[PromptRows, list[list[dict]
     if n_synthetic is not None:
         conversations = synthetic.rl_prompts(n_synthetic, cfg.seed)
     else:
-        conversations = []
-        for where, record in iter_records(d.train):
-            value = record.get(d.messages_field, record.get(d.prompt_field))
-            if value is None:
-                raise ValueError(f"{where}: missing field '{d.prompt_field}' or '{d.messages_field}'")
-            conversations.append([{"role": "user", "content": value}] if isinstance(value, str) else value)
-    encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"][-d.max_prompt_length:] for text in encoded]
+        conversations = list(iter_prompts(d.train, ChatFields(messages=d.messages_field, prompt=d.prompt_field)))
+    ids = [prompt_ids(tokenizer, c)[-d.max_prompt_length:] for c in conversations]
     length = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)

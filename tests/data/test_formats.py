@@ -7,7 +7,8 @@ import pytest
 
 from llmstack.data.chat import iter_examples
 from llmstack.data.formats import (IMPLICIT_PREFERENCE, LANGUAGE_MODELLING, PREFERENCE, PROMPT_COMPLETION,
-                                   PROMPT_ONLY, RANKING, STEPWISE, UNPAIRED_PREFERENCE, ChatFields, record_type)
+                                   PROMPT_ONLY, RANKING, STEPWISE, UNPAIRED_PREFERENCE, ChatFields, iter_prompts,
+                                   record_type)
 from llmstack.data.preference import iter_groups
 from llmstack.data.sources import DataError
 
@@ -44,10 +45,12 @@ def test_renamed_fields_decide_the_type():
     assert record_type({"question": "q"}, "here", fields) == PROMPT_ONLY
 
 
-READERS = {"sft": lambda spec: list(iter_examples(spec)), "reward": lambda spec: list(iter_groups(spec))}
-VALID = {"sft": MESSAGES, "reward": PAIR}
+READERS = {"sft": lambda spec: list(iter_examples(spec)), "reward": lambda spec: list(iter_groups(spec)),
+           "ppo": lambda spec: list(iter_prompts(spec))}
+VALID = {"sft": MESSAGES, "reward": PAIR, "ppo": PROMPT}
 TAKES = {"sft": "SFT does not take; it takes 'text', 'messages', or 'prompt' and 'completion'",
-         "reward": "reward modelling does not take; it takes 'prompt', 'chosen' and 'rejected'"}
+         "reward": "reward modelling does not take; it takes 'prompt', 'chosen' and 'rejected'",
+         "ppo": "PPO does not take; it takes 'prompt' or 'messages'"}
 
 
 @pytest.mark.parametrize("stage, record, field, kind", [
@@ -63,6 +66,8 @@ TAKES = {"sft": "SFT does not take; it takes 'text', 'messages', or 'prompt' and
     ("reward", PROMPT_COMPLETION_RECORD, "completion", "a prompt-completion"),
     ("reward", UNPAIRED, "label", "an unpaired preference"),
     ("reward", STEPWISE_RECORD, "completions", "a stepwise-supervision"),
+    ("ppo", TEXT, "text", "a language-modelling"),
+    ("ppo", IMPLICIT_PAIR, "chosen", "an implicit-prompt preference"),
 ])
 @pytest.mark.parametrize("form", ["standard", "conversational"])
 def test_a_type_a_stage_does_not_take_is_refused_in_one_line(tmp_path, stage, record, field, kind, form):
@@ -76,7 +81,7 @@ def test_a_type_a_stage_does_not_take_is_refused_in_one_line(tmp_path, stage, re
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_a_record_of_no_type_names_what_the_stage_needs(tmp_path, stage):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"question": "q"}) + "\n")

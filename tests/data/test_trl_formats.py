@@ -4,15 +4,17 @@ tokenizers: one that adds no special tokens and one that starts every text with 
 
 import copy
 import json
+import types
 
 import pytest
 from datasets import Dataset
 from tokenizers import Tokenizer, processors
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
-from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl import GRPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl.data_utils import maybe_apply_chat_template
 
 from llmstack.data.chat import DEFAULT_CHAT_TEMPLATE, iter_examples, tokenize_example
-from llmstack.data.formats import prompt_ids
+from llmstack.data.formats import iter_prompts, prompt_ids
 from llmstack.data.preference import build_preference_rows, iter_groups, render
 from llmstack.data.text import SPECIAL_TOKENS
 
@@ -69,6 +71,8 @@ IMPLICIT_PAIRS = [{"chosen": "Q: Can I go?\nA: Don't.", "rejected": "Q: Can I go
                   {"chosen": "Tabs\tand\nnewlines", "rejected": "Tabs\tand\nspaces"}]
 CHAT_PAIRS = [{"prompt": c[:-1], "chosen": c[-1:], "rejected": [assistant("I would rather not.")]} for c in CONVERSATIONS]
 CHAT_IMPLICIT_PAIRS = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in CHAT_PAIRS]
+PROMPTS = [{"prompt": p["prompt"]} for p in PROMPT_COMPLETIONS]
+CHAT_PROMPTS = [{"prompt": c[:-1]} for c in CONVERSATIONS[:4]] + [{"prompt": [user("Name a colour."), assistant("Blu")]}]
 
 
 @pytest.fixture(params=["no special tokens", "BOS"])
@@ -191,3 +195,25 @@ def test_reward_rows_hold_what_render_scores(tok, tmp_path):
         groups = list(iter_groups(write_jsonl(tmp_path / "pairs.jsonl", records)))
         expected = [tuple(render(tok, g.prompt, r) for r in g.responses) for g in groups]
         assert llmstack_reward(tok, records, tmp_path) == expected
+
+
+def trl_prompt_ids(tok, prompts):
+    """TRL 1.16's online trainers' prompt tokenisation (GRPOTrainer._tokenize_prompts)."""
+    trainer = types.SimpleNamespace(processing_class=tok, chat_template=None, tools=None, chat_template_kwargs={},
+                                    _is_vlm=False, environment_factories=None)
+    return GRPOTrainer._tokenize_prompts(trainer, prompts)[0]
+
+
+def test_ppo_standard_prompts_match_trl(tok, tmp_path):
+    ours = [prompt_ids(tok, p) for p in iter_prompts(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS))]
+    assert ours == trl_prompt_ids(tok, [r["prompt"] for r in PROMPTS])
+
+
+def test_ppo_conversational_prompts_match_trl(tok, tmp_path):
+    """A generation header after a user turn, as TRL's online trainers render prompts; a prompt ending on an
+    assistant turn continues that message, TRL's rule for prompt-only records (`maybe_apply_chat_template`)."""
+    ours = [prompt_ids(tok, p) for p in iter_prompts(write_jsonl(tmp_path / "prompts.jsonl", CHAT_PROMPTS))]
+    assert ours[:4] == trl_prompt_ids(tok, [r["prompt"] for r in CHAT_PROMPTS[:4]])
+    texts = [maybe_apply_chat_template(r, tok)["prompt"] for r in CHAT_PROMPTS]
+    assert ours == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert tok.decode(ours[4]).endswith("<|assistant|>\nBlu")
