@@ -86,7 +86,7 @@ def read_conversations(path: str) -> tuple[list[list[dict]], str]:
     back to its last answer, each distinct path once; any other records are read as llmstack chat records."""
     records = [record for _, record in iter_records(path)]
     if not (records and isinstance(records[0].get("prompt"), dict) and "replies" in records[0]["prompt"]):
-        return list(chat.iter_conversations(path)), "chat records"
+        return list(chat.iter_examples(path)), "chat records"
     conversations, seen = [], set()
     for record in records:
         for messages in _paths(record["prompt"], []):
@@ -113,7 +113,7 @@ def prepare(args, work: Path) -> dict:
 
 
 def _conversations(data: str, part: str) -> list[list[dict]]:
-    return list(chat.iter_conversations(str(Path(data) / f"{part}.jsonl")))
+    return list(chat.iter_examples(str(Path(data) / f"{part}.jsonl")))
 
 
 def _kept(tokenizer, conversations: list, seq: int) -> tuple[list, list]:

@@ -98,8 +98,9 @@ class PretrainConfig:
 
 @dataclass
 class ChatDataConfig:
-    train: str = option("synthetic", "Conversations: JSONL/JSON/Parquet files or a directory of them with "
-                        "{'messages'} or {'prompt', 'completion'} records, a `datasets` name, or 'synthetic'.")
+    train: str = option("synthetic", "SFT examples: JSONL/JSON/Parquet files or a directory of them with "
+                        "{'text'}, {'messages'} or {'prompt', 'completion'} records (README, Data formats), a "
+                        "`datasets` name, or 'synthetic'.")
     eval: str | None = option(None, "Held-out conversations; default: a slice of data.train (data.eval_fraction).")
     eval_fraction: float = option(0.05, "Share of conversations held out when data.eval is not set.",
                                   ge=0.0, le=0.5)
@@ -159,8 +160,8 @@ class PreferenceDataConfig:
     eval: str | None = option(None, "Held-out preferences; default: a slice of data.train (data.eval_fraction).")
     eval_fraction: float = option(0.1, "Share of rankings held out when data.eval is not set.", ge=0.0, le=0.5)
     format: Literal["auto", "hh", "oasst", "label_studio"] = option(
-        "auto", "Record format: llmstack's pairs/rankings, Anthropic HH dialogues, Open-Assistant trees, or a "
-        "Label Studio pairwise export.")
+        "auto", "Record format: TRL's preference records and llmstack's rankings (README, Data formats), "
+        "Anthropic HH dialogues, Open-Assistant trees, or a Label Studio pairwise export.")
     max_length: int = option(512, "Tokens per prompt + response; longer ones keep their end.", ge=16)
 
 

@@ -21,7 +21,8 @@ def pairwise_judgements(groups: list[PreferenceGroup]) -> dict:
             continue
         prompt = repr(group.prompt)
         for i, j in itertools.combinations(range(len(group.responses)), 2):
-            a, b = sorted([(group.responses[i], group.ranks[i]), (group.responses[j], group.ranks[j])])
+            # responses may be message lists: their repr is hashable and orders them
+            a, b = sorted([(repr(group.responses[i]), group.ranks[i]), (repr(group.responses[j]), group.ranks[j])])
             value = 0 if a[1] == b[1] else (1 if a[1] < b[1] else -1)
             units[(prompt, a[0], b[0])][str(group.annotator)] = value
     return units

@@ -1,11 +1,19 @@
-"""Chat data for supervised fine-tuning: records -> conversations -> token ids with answer-only labels -> rows.
+"""SFT data: TRL's language-modelling and prompt-completion records -> token ids with loss labels -> rows.
+
+Each record is tokenised as TRL 1.16's SFTTrainer tokenises it, so both give the same token ids and labels:
+- {"text"}: the text, EOS appended unless it ends with it, tokenised whole; the loss covers every token.
+- {"messages"}: the chat template's rendering; the loss covers the assistant answers and their end-of-turn
+  token only (TRL with `assistant_only_loss=True`). Each turn is tokenised the way inference sees it: the
+  conversation up to the assistant's header alone, then the answer, so the boundary tokens are what
+  `generate` continues after `apply_chat_template(..., add_generation_prompt=True)`.
+- {"prompt", "completion"} as text: prompt + completion (+ EOS) concatenated and tokenised whole (TRL's
+  meaning: no chat template); as messages: the template's rendering of prompt + completion. The loss covers
+  what follows the longest common token prefix with the prompt tokenised alone, with its generation header for
+  messages (TRL's default `completion_only_loss`).
+Types SFT does not take are refused with a one-line error (llmstack.data.formats).
 
 Conversations are rendered with the tokenizer's chat template, or with DEFAULT_CHAT_TEMPLATE which is then
 stored on the tokenizer, so the fine-tuned model is saved with the template it was trained on.
-
-Labels cover the assistant turns only (everything else is -100). Each turn is tokenised the way inference
-sees it: the prompt up to the assistant's header alone, then the answer, so the boundary tokens match what
-`generate` produces after `apply_chat_template(..., add_generation_prompt=True)`.
 
 Shape legend: N rows, T row length.
 """
@@ -17,10 +25,11 @@ from typing import Iterator
 
 import torch
 
+from llmstack.data.formats import (LANGUAGE_MODELLING, PROMPT_COMPLETION, ChatFields, plain_ids, record_type,
+                                   refusal, text_ids, text_or_messages, with_eos)
+from llmstack.data.formats import messages as valid_messages
 from llmstack.data.sources import DataError, iter_records, synthetic_count
 from llmstack.losses import IGNORE_INDEX
-
-ROLES = ("system", "user", "assistant")
 
 # Role headers are plain text, so a tokenizer needs no new tokens (and the model no new embeddings); the
 # end of every turn is the tokenizer's EOS, which is what generation stops on.
@@ -32,54 +41,53 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-@dataclass
-class ChatFields:
-    """Names of the fields holding a conversation in the user's records."""
+@dataclass(frozen=True)
+class PromptCompletion:
+    """A prompt-completion record: both parts text (standard) or both messages (conversational)."""
 
-    messages: str = "messages"
-    prompt: str = "prompt"
-    completion: str = "completion"
-
-
-def _as_messages(value, where: str, name: str, default_role: str) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
-    if isinstance(value, list):
-        return value
-    raise DataError(f"{where}: field '{name}' must be a string or a list of messages, got {type(value).__name__}")
+    prompt: str | list[dict]
+    completion: str | list[dict]
 
 
-def to_messages(record, where: str, fields: ChatFields = ChatFields()) -> list[dict]:
-    """A validated conversation from a `{"messages"}` or `{"prompt", "completion"}` record."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if fields.messages in record:
-        messages = _as_messages(record[fields.messages], where, fields.messages, "user")
-        name = fields.messages
-    elif fields.prompt in record and fields.completion in record:
-        messages = (_as_messages(record[fields.prompt], where, fields.prompt, "user")
-                    + _as_messages(record[fields.completion], where, fields.completion, "assistant"))
-        name = fields.completion
-    else:
-        raise DataError(f"{where}: missing field '{fields.messages}' (or '{fields.prompt}' and "
-                        f"'{fields.completion}'); the record has: {', '.join(record) or 'nothing'}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: field '{name}'[{i}] must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise DataError(f"{where}: field '{name}'[{i}].role is {message['role']!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise DataError(f"{where}: field '{name}'[{i}].content must be a string")
+# An SFT example: standard text, a conversation, or a prompt and its completion.
+Example = str | list[dict] | PromptCompletion
+
+
+def _conversation(value, where: str, name: str) -> list[dict]:
+    conversation = valid_messages(value, where, name)
+    for i, message in enumerate(conversation):
         if message["role"] == "assistant" and not message["content"].strip():
             raise DataError(f"{where}: field '{name}'[{i}] is an empty assistant answer")
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" for m in conversation):
         raise DataError(f"{where}: field '{name}' has no assistant turn, so there is nothing to learn from it")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return conversation
 
 
-def iter_conversations(spec: str, fields: ChatFields = ChatFields()) -> Iterator[list[dict]]:
-    """Conversations from JSONL/JSON/Parquet files, a directory of them, a `datasets` name, or
-    'synthetic[:N]' (the built-in arithmetic questions)."""
+def to_example(record, where: str, fields: ChatFields = ChatFields()) -> Example:
+    """A validated SFT example from a `{"text"}`, `{"messages"}` or `{"prompt", "completion"}` record."""
+    kind = record_type(record, where, fields)
+    if kind == LANGUAGE_MODELLING and fields.messages in record:
+        return _conversation(record[fields.messages], where, fields.messages)
+    if kind == LANGUAGE_MODELLING:
+        text = record[fields.text]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: field '{fields.text}' must be non-empty text")
+        return text
+    if kind != PROMPT_COMPLETION:
+        raise refusal(record, where, "sft", fields)
+    prompt = text_or_messages(record[fields.prompt], where, fields.prompt)
+    completion = text_or_messages(record[fields.completion], where, fields.completion)
+    if type(prompt) is not type(completion):
+        raise DataError(f"{where}: fields '{fields.prompt}' and '{fields.completion}' must both be text "
+                        "(standard) or both lists of messages (conversational)")
+    if isinstance(completion, str) and not completion.strip():
+        raise DataError(f"{where}: field '{fields.completion}' is empty, so there is nothing to learn from it")
+    return PromptCompletion(prompt, completion)
+
+
+def iter_examples(spec: str, fields: ChatFields = ChatFields()) -> Iterator[Example]:
+    """SFT examples from JSONL/JSON/Parquet files, a directory of them, a `datasets` name, or
+    'synthetic[:N]' (the built-in arithmetic conversations)."""
     n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         from llmstack.data.synthetic import instructions
@@ -87,7 +95,7 @@ def iter_conversations(spec: str, fields: ChatFields = ChatFields()) -> Iterator
         yield from instructions(n_synthetic)
         return
     for where, record in iter_records(spec):
-        yield to_messages(record, where, fields)
+        yield to_example(record, where, fields)
 
 
 def ensure_chat_template(tokenizer) -> bool:
@@ -102,8 +110,23 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def tokenize_example(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one SFT example; labels are -100 where there is no loss."""
+    if isinstance(example, str):
+        ids = text_ids(tokenizer, with_eos(tokenizer, example))
+        return ids, list(ids)
+    if isinstance(example, list):
+        return tokenize_conversation(tokenizer, example)
+    if isinstance(example.prompt, str):
+        prompt = text_ids(tokenizer, example.prompt)
+        ids = text_ids(tokenizer, example.prompt + with_eos(tokenizer, example.completion))
+    else:
+        prompt = plain_ids(tokenizer, _render(tokenizer, example.prompt, generation_prompt=True))
+        ids = plain_ids(tokenizer, _render(tokenizer, example.prompt + example.completion, generation_prompt=False))
+    # Tokens can merge across the prompt's end (or a template renders a prompt alone differently): the
+    # completion starts where the two tokenisations part, and the training sequence is the whole one
+    start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
+    return ids, [IGNORE_INDEX] * start + ids[start:]
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -119,15 +142,15 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
                              "answer-only labels cannot be placed (use a template without that property)")
-        context = _encode(tokenizer, prompt[len(done):])
-        answer = _encode(tokenizer, full[len(prompt):])
+        context = plain_ids(tokenizer, prompt[len(done):])
+        answer = plain_ids(tokenizer, full[len(prompt):])
         end = _answer_end(answer, tokenizer.eos_token_id)
         if end == len(answer) and (not answer or answer[-1] != tokenizer.eos_token_id):
             answer, end = answer + [tokenizer.eos_token_id], len(answer) + 1
         ids += context + answer
         labels += [IGNORE_INDEX] * len(context) + answer[:end] + [IGNORE_INDEX] * (len(answer) - end)
         done = full
-    tail = _encode(tokenizer, _render(tokenizer, messages, generation_prompt=False)[len(done):])
+    tail = plain_ids(tokenizer, _render(tokenizer, messages, generation_prompt=False)[len(done):])
     ids += tail
     labels += [IGNORE_INDEX] * len(tail)
     return ids, labels
@@ -139,6 +162,22 @@ def _answer_end(answer: list[int], eos_id: int) -> int:
         if answer[index] == eos_id:
             return index + 1
     return len(answer)
+
+
+def sample_prompts(examples: list[Example], n: int) -> list[tuple[str | list[dict], str | list[dict]]]:
+    """(prompt, reference answer) of the first `n` examples that have a prompt: a conversation up to its last
+    answer, or a prompt-completion record's two parts (text records have no prompt)."""
+    pairs = []
+    for example in examples:
+        if len(pairs) == n:
+            break
+        if isinstance(example, PromptCompletion):
+            pairs.append((example.prompt, example.completion))
+        elif isinstance(example, list):
+            last = max(i for i, m in enumerate(example) if m["role"] == "assistant")
+            if last > 0:
+                pairs.append((example[:last], example[last]["content"]))
+    return pairs
 
 
 @dataclass

@@ -5,14 +5,28 @@ best; equal ranks are ties). A pair is a group of K = 2. Keeping a ranking's res
 reward loss score all K in one forward pass and weigh each ranking once (InstructGPT, Ouyang et al. 2022,
 section 3.5), instead of letting a K = 9 ranking count 36 times.
 
-Accepted records (JSONL/JSON/Parquet):
-  {"prompt", "chosen", "rejected"}                 explicit prompt; text or messages
-  {"chosen", "rejected"}                           implicit prompt: the longest shared prefix
+Accepted records (JSONL/JSON/Parquet): TRL's preference types with TRL's meaning, and llmstack's rankings.
+  {"prompt", "chosen", "rejected"}                 all text (standard) or all messages (conversational; a
+                                                   text response to messages is the assistant's reply)
+  {"chosen", "rejected"}                           implicit prompt: for messages, the leading messages the two
+                                                   share; for text, the longest common token prefix, moved
+                                                   back to a word boundary (`split_implicit`)
   {"prompt", "responses": [...], "ranking": [...]} ranking = response indices best first; a nested list
                                                    is a tie, e.g. [2, [0, 1], 3]
-each optionally with "annotator" and "margin" (how strongly chosen beats rejected).
-Importers turn Anthropic HH dialogue strings, Open-Assistant message trees and Label Studio exports into
-the same groups (see `import_hh`, `import_oasst`, `import_label_studio`).
+each optionally with "annotator" and "margin" (how strongly chosen beats rejected). Other TRL types are
+refused with a one-line error (llmstack.data.formats). Importers turn Anthropic HH dialogue strings,
+Open-Assistant message trees and Label Studio exports into the same groups (`import_hh`, `import_oasst`,
+`import_label_studio`).
+
+Tokenising, and where it departs from TRL 1.16's RewardTrainer on purpose:
+- A row holds `prompt_ids(prompt)`, PPO's own prompt rendering, then each response's tokens up to the EOS where
+  its score is read, which is where PPO's policy stops and where PPO reads the score. TRL tokenises prompt +
+  response as one text and scores its last token; the ids are the same except (a) where tokens merge across
+  the prompt's end (a prompt ending in a space), where llmstack keeps the prompt's own tokens, as PPO's
+  rollouts do, and (b) after a conversation's final EOS: the template's trailing text (a newline in many
+  templates) is never generated, so it is never scored.
+- An implicit text prompt is cut from the very sequences TRL tokenises (each text + EOS), so those rows hold
+  TRL's token ids exactly.
 
 Shape legend: N groups, K responses per group (padded), T tokens of a group's row.
 """
@@ -21,12 +35,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from llmstack.data.formats import (IMPLICIT_PREFERENCE, PREFERENCE, RANKING, continuation_text, plain_ids,
+                                   prompt_ids, record_type, refusal, text_ids, text_or_messages, with_eos)
 from llmstack.data.sources import DataError, iter_records, synthetic_count
 
 log = logging.getLogger("llmstack")
@@ -34,30 +51,45 @@ log = logging.getLogger("llmstack")
 
 @dataclass
 class PreferenceGroup:
-    prompt: str | list[dict]  # plain text, or chat messages rendered with the chat template
-    responses: list[str]
+    # text, messages (rendered with the chat template), or None: an implicit prompt inside two standard texts,
+    # found when they are tokenised
+    prompt: str | list[dict] | None
+    responses: list[str | list[dict]]  # text (for a conversational prompt: the assistant's reply) or messages
     ranks: list[int]  # per response, 0 = best, equal = tie
     annotator: str | None = None
     margin: float = 0.0
     where: str = ""
 
 
-def _response_text(value, where: str, name: str) -> str:
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        value = value[-1].get("content")
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}' must be text or a list of messages")
-    if not value.strip():
+def _response(prompt, value, where: str, name: str) -> str | list[dict]:
+    value = text_or_messages(value, where, name)
+    if isinstance(value, list) and not isinstance(prompt, list):
+        raise DataError(f"{where}: field '{name}' is messages but the prompt is text; a record is all text "
+                        "(standard) or all messages (conversational)")
+    if not (value if isinstance(value, str) else "".join(m["content"] for m in value)).strip():
         raise DataError(f"{where}: field '{name}' is empty")
     return value
 
 
-def _shared_prefix(a, b):
-    """Implicit prompt of two texts or two message lists: their longest common prefix."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n], a[n:], b[n:]
+def _implicit(chosen, rejected, where: str) -> tuple[list[dict] | None, list]:
+    """(prompt, [chosen, rejected]) of a pair without a prompt: the leading messages two conversations share,
+    or None for two texts, whose prompt is found on a token boundary when they are tokenised."""
+    chosen, rejected = text_or_messages(chosen, where, "chosen"), text_or_messages(rejected, where, "rejected")
+    if type(chosen) is not type(rejected):
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be text or both messages")
+    if chosen == rejected:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are the same response")
+    if isinstance(chosen, str):
+        for name, value, other in (("chosen", chosen, rejected), ("rejected", rejected, chosen)):
+            if other.startswith(value):
+                raise DataError(f"{where}: field '{name}' is empty once the prompt the two share is taken out")
+        return None, [chosen, rejected]
+    shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if shared == 0:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' share no leading message, so there is no prompt "
+                        "they both answer")
+    return chosen[:shared], [_response(chosen[:shared], tail, where, name)
+                             for name, tail in (("chosen", chosen[shared:]), ("rejected", rejected[shared:]))]
 
 
 def _ranks_from_ranking(ranking, k: int, where: str) -> list[int]:
@@ -80,37 +112,42 @@ def _ranks_from_ranking(ranking, k: int, where: str) -> list[int]:
 
 def to_group(record, where: str) -> PreferenceGroup:
     """A validated group from one pair or ranking record."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    kind = record_type(record, where)
     annotator = record.get("annotator")
     margin = float(record.get("margin") or 0.0)
-    if "chosen" in record and "rejected" in record:
-        chosen, rejected = record["chosen"], record["rejected"]
-        if "prompt" in record:
-            prompt = record["prompt"]
-        else:
-            if type(chosen) is not type(rejected):
-                raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be text or both messages")
-            prompt, chosen, rejected = _shared_prefix(chosen, rejected)
-        responses = [_response_text(chosen, where, "chosen"), _response_text(rejected, where, "rejected")]
+    if kind == IMPLICIT_PREFERENCE:
+        prompt, responses = _implicit(record["chosen"], record["rejected"], where)
+        return PreferenceGroup(prompt, responses, [0, 1], annotator, margin, where)
+    if kind == PREFERENCE:
+        prompt = text_or_messages(record["prompt"], where, "prompt")
+        responses = [_response(prompt, record[name], where, name) for name in ("chosen", "rejected")]
         if responses[0] == responses[1]:
             raise DataError(f"{where}: fields 'chosen' and 'rejected' are the same response")
         return PreferenceGroup(prompt, responses, [0, 1], annotator, margin, where)
-    if "responses" in record and "ranking" in record:
-        responses = record["responses"]
-        if not isinstance(responses, list) or len(responses) < 2:
-            raise DataError(f"{where}: field 'responses' must list at least two responses")
-        texts = [_response_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
-        if len(set(texts)) != len(texts):
-            raise DataError(f"{where}: field 'responses' repeats a response")
-        ranks = _ranks_from_ranking(record["ranking"], len(texts), where)
-        return PreferenceGroup(record.get("prompt", ""), texts, ranks, annotator, margin, where)
-    raise DataError(f"{where}: expected fields 'chosen' and 'rejected', or 'responses' and 'ranking'; the "
-                    f"record has: {', '.join(record) or 'nothing'}")
+    if kind != RANKING:
+        raise refusal(record, where, "reward")
+    listed = record["responses"]
+    if not isinstance(listed, list) or len(listed) < 2:
+        raise DataError(f"{where}: field 'responses' must list at least two responses")
+    prompt = text_or_messages(record.get("prompt", ""), where, "prompt")
+    responses = [_response(prompt, r, where, f"responses[{i}]") for i, r in enumerate(listed)]
+    if len({json.dumps(r) for r in responses}) != len(responses):
+        raise DataError(f"{where}: field 'responses' repeats a response")
+    ranks = _ranks_from_ranking(record["ranking"], len(responses), where)
+    return PreferenceGroup(prompt, responses, ranks, annotator, margin, where)
+
+
+def _is_hh_pair(record) -> bool:
+    """A standard pair whose texts are Anthropic HH dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...")."""
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("chosen", "rejected")):
+        return False
+    prompt = record.get("prompt", "")
+    return isinstance(prompt, str) and all((prompt + record[k]).lstrip().startswith("Human:")
+                                           and "\n\nAssistant:" in prompt + record[k] for k in ("chosen", "rejected"))
 
 
 def iter_groups(spec: str) -> Iterator[PreferenceGroup]:
-    """Groups from llmstack's own pair/ranking records, or 'synthetic[:N]' (the built-in rankings)."""
+    """Groups from TRL preference records and llmstack rankings, or 'synthetic[:N]' (the built-in rankings)."""
     n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         from llmstack.data.synthetic import preferences
@@ -119,6 +156,12 @@ def iter_groups(spec: str) -> Iterator[PreferenceGroup]:
     else:
         records = iter_records(spec)
     for where, record in records:
+        # TRL reads HH pairs as raw text, while SFT and PPO render conversations with the chat template: a
+        # reward model trained on the raw text would score a format PPO never shows it. Converting them here
+        # would silently give these records a meaning TRL does not, so the choice is the user's, made once.
+        if _is_hh_pair(record):
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' are Anthropic HH dialogues ('\\n\\nHuman: "
+                            "... \\n\\nAssistant: ...'); set data.format=hh to read them as conversations")
         yield to_group(record, where)
 
 
@@ -139,18 +182,19 @@ def hh_to_messages(dialogue: str, where: str) -> list[dict]:
 
 
 def import_hh(spec: str) -> Iterator[PreferenceGroup]:
-    """Anthropic HH-RLHF `{"chosen", "rejected"}` dialogues: the shared turns are the prompt.
+    """Anthropic HH-RLHF `{"chosen", "rejected"}` dialogues (or `{"prompt", "chosen", "rejected"}` with the
+    dialogue split between them): the shared turns are the prompt, as chat messages.
 
     The public release has a few unusable pairs (an empty answer, identical answers); they are skipped with
     a warning naming each one, since they say nothing about a preference."""
     for where, record in iter_records(spec):
         try:
-            chosen = hh_to_messages(record["chosen"], f"{where}, field 'chosen'")
-            rejected = hh_to_messages(record["rejected"], f"{where}, field 'rejected'")
-            prompt, chosen_tail, rejected_tail = _shared_prefix(chosen[:-1], rejected[:-1])
-            if chosen_tail or rejected_tail:
+            prompt = record.get("prompt", "")
+            chosen = hh_to_messages(prompt + record["chosen"], f"{where}, field 'chosen'")
+            rejected = hh_to_messages(prompt + record["rejected"], f"{where}, field 'rejected'")
+            if chosen[:-1] != rejected[:-1]:
                 raise DataError(f"{where}: the two dialogues differ before their last Assistant turn")
-            yield to_group({"prompt": prompt, "chosen": chosen[-1]["content"],
+            yield to_group({"prompt": chosen[:-1], "chosen": chosen[-1]["content"],
                             "rejected": rejected[-1]["content"]}, where)
         except DataError as err:
             log.warning(f"skipping an unusable HH pair: {err}")
@@ -213,21 +257,53 @@ IMPORTERS = {"auto": iter_groups, "hh": import_hh, "oasst": import_oasst, "label
 # Tokenising
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def response_ids(tokenizer, prompt: str | list[dict], response: str | list[dict]) -> list[int]:
+    """The tokens of `response` after `prompt_ids(tokenizer, prompt)`, ending at the EOS where its score is read:
+    text + EOS for a text prompt; for messages, the template's text after the prompt, cut after its last EOS (or
+    with EOS appended when the template ends turns with another token)."""
+    if isinstance(prompt, str):
+        return plain_ids(tokenizer, with_eos(tokenizer, response))
+    reply = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+    ids = plain_ids(tokenizer, continuation_text(tokenizer, prompt, reply))
+    eos = tokenizer.eos_token_id
+    return ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos]
 
 
-def _prompt_ids(tokenizer, prompt) -> list[int]:
-    if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return _encode(tokenizer, prompt)
+def render(tokenizer, prompt: str | list[dict] | None, response: str | list[dict]) -> list[int]:
+    """Token ids of one response scored alone, as PPO builds a sample: `prompt_ids` then `response_ids`. With
+    no prompt (an implicit one), the text + EOS as one sequence, which is what its row holds."""
+    if prompt is None:
+        return text_ids(tokenizer, with_eos(tokenizer, response))
+    return prompt_ids(tokenizer, prompt) + response_ids(tokenizer, prompt, response)
 
 
-def render(tokenizer, prompt, response: str) -> list[int]:
-    """Token ids of prompt + response + EOS, built the way PPO builds a sample: the prompt (with the chat
-    template's generation header) tokenised alone, then the response tokens, then EOS, where the score is
-    read. The reward model thus scores exactly the token sequences the policy will produce."""
-    return _prompt_ids(tokenizer, prompt) + _encode(tokenizer, response) + [tokenizer.eos_token_id]
+WORD_CHARACTER = re.compile(r"\w")
+
+
+def split_implicit(tokenizer, chosen: str, rejected: str) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [chosen ids, rejected ids]) of two texts with an implicit prompt: the sequences TRL
+    tokenises (each text + EOS) cut at their longest common token prefix, moved back until it ends on whole
+    characters and not inside a word, where two tokenisations of different words can share a first piece."""
+    first, second = (text_ids(tokenizer, with_eos(tokenizer, text)) for text in (chosen, rejected))
+    n = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    texts = tokenizer.decode(first), tokenizer.decode(second)
+    while n and not _ends_a_word(tokenizer.decode(first[:n]), texts):
+        n -= 1
+    return first[:n], [first[n:], second[n:]]
+
+
+def _ends_a_word(head: str, texts: tuple[str, str]) -> bool:
+    """True when both texts start with `head` and neither goes on with the word `head` ends in."""
+    in_word = WORD_CHARACTER.match(head[-1:])
+    return all(text.startswith(head) and not (in_word and WORD_CHARACTER.match(text[len(head):len(head) + 1]))
+               for text in texts)
+
+
+def encode_group(tokenizer, group: PreferenceGroup) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [ids of each response]) of a group, each response as `render` builds it after the prompt."""
+    if group.prompt is None:
+        return split_implicit(tokenizer, *group.responses)
+    return prompt_ids(tokenizer, group.prompt), [response_ids(tokenizer, group.prompt, r) for r in group.responses]
 
 
 PAD_SEGMENT = -1
@@ -289,8 +365,7 @@ def build_preference_rows(groups: list[PreferenceGroup], tokenizer, max_length: 
     k_max = max(len(g.responses) for g in groups)
     encoded, truncated = [], 0
     for group in groups:
-        prompt = _prompt_ids(tokenizer, group.prompt)
-        responses = [_encode(tokenizer, r) + [tokenizer.eos_token_id] for r in group.responses]
+        prompt, responses = encode_group(tokenizer, group)
         kept_prompt, kept = _fit(prompt, responses, max_length)
         truncated += sum(len(kept_prompt) + len(k) < len(prompt) + len(r) for k, r in zip(kept, responses))
         encoded.append((kept_prompt, kept))

@@ -1,5 +1,5 @@
-"""Prompts for RL: records -> conversations -> left-padded token rows with the chat template's generation
-header, the form a rollout engine continues.
+"""Prompts for RL: prompt-only records -> prompts -> left-padded token rows, rendered as the reward model
+renders them (`llmstack.data.formats.prompt_ids`), the form a rollout engine continues.
 
 Shape legend: N prompts, P prompt tokens.
 """
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmstack.data.sources import DataError, iter_records, synthetic_count
+from llmstack.data.formats import ChatFields, iter_prompts, prompt_ids
+from llmstack.data.sources import synthetic_count
 
 
 @dataclass
@@ -27,28 +28,21 @@ class PromptRows:
                 "index": self.index[index]}
 
 
-def load_conversations(spec: str, prompt_field: str, messages_field: str, seed: int) -> list[list[dict]]:
-    """Prompt conversations of `{prompt}` (text or messages) or `{messages}` records, or 'synthetic[:N]' (the
-    built-in questions, seeded by `seed`)."""
+def load_conversations(spec: str, fields: ChatFields, seed: int) -> list:
+    """The prompts of prompt-only records (text, a conversation, or `{messages}`: the conversation so far;
+    `llmstack.data.formats`), or of 'synthetic[:N]' (the built-in questions, seeded by `seed`)."""
     n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         from llmstack.data.synthetic import rl_prompts
 
         return rl_prompts(n_synthetic, seed)
-    conversations = []
-    for where, record in iter_records(spec):
-        value = record.get(messages_field, record.get(prompt_field)) if isinstance(record, dict) else None
-        if value is None:
-            raise DataError(f"{where}: missing field '{prompt_field}' or '{messages_field}'")
-        conversations.append([{"role": "user", "content": value}] if isinstance(value, str) else value)
-    return conversations
+    return list(iter_prompts(spec, fields))
 
 
-def left_padded(tokenizer, conversations: list[list[dict]], max_length: int | None = None) -> PromptRows:
-    """Each conversation rendered with the generation header and tokenised (keeping its last `max_length`
-    tokens), left-padded to the longest."""
-    encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in encoded]
+def left_padded(tokenizer, prompts: list, max_length: int | None = None) -> PromptRows:
+    """Each prompt rendered by `prompt_ids` (the reward model's rendering), keeping its last `max_length`
+    tokens, left-padded to the longest."""
+    ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     if max_length is not None:
         ids = [x[-max_length:] for x in ids]
     width = max(len(x) for x in ids)

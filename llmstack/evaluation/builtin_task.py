@@ -15,6 +15,7 @@ import torch
 
 from llmstack.data import synthetic
 from llmstack.data.chat import ensure_chat_template
+from llmstack.data.formats import prompt_ids
 from llmstack.data.preference import render
 from llmstack.models.causal_lm import load_causal_lm, load_tokenizer
 from llmstack.models.engines.hf import greedy_reply
@@ -40,7 +41,7 @@ def answer_accuracy(model_dir: Path, questions: list[list[dict]], max_new_tokens
     right = 0
     for conversation in questions:
         verdict = synthetic.judge(conversation[-1]["content"],
-                                  greedy_reply(model, tokenizer, conversation, max_new_tokens))
+                                  greedy_reply(model, tokenizer, prompt_ids(tokenizer, conversation), max_new_tokens))
         right += bool(verdict and verdict["right"])
     return right / len(questions)
 

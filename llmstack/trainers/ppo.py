@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from llmstack.config import PPOConfig
 from llmstack.data import batching
 from llmstack.data.chat import ensure_chat_template
+from llmstack.data.formats import ChatFields
 from llmstack.data.prompts import PromptRows, left_padded, load_conversations
 from llmstack.data.text import pack_corpus
 from llmstack.models import causal_lm
@@ -51,11 +52,11 @@ def build_models(cfg: PPOConfig, tokenizer) -> tuple[RLModels, object]:
     return RLModels(policy, reference, value), reward_model
 
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[PromptRows, list[list[dict]]]:
-    """The prompt set as left-padded rows, and its conversations (row `i` is conversation `i`)."""
+def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[PromptRows, list]:
+    """The prompt set as left-padded rows, and its prompts (text or conversations; row `i` is prompt `i`)."""
     d = cfg.data
-    conversations = load_conversations(d.train, d.prompt_field, d.messages_field, cfg.seed)
-    return left_padded(tokenizer, conversations, d.max_prompt_length), conversations
+    prompts = load_conversations(d.train, ChatFields(messages=d.messages_field, prompt=d.prompt_field), cfg.seed)
+    return left_padded(tokenizer, prompts, d.max_prompt_length), prompts
 
 
 def settings_of(cfg: PPOConfig) -> tuple[SamplingSettings, ScoreSettings, UpdateSettings]:

@@ -13,6 +13,7 @@ import torch
 
 from llmstack.config import SFTConfig
 from llmstack.data import batching, chat, sources
+from llmstack.data.formats import prompt_ids
 from llmstack.data.text import is_held_out
 from llmstack.kernels import KernelPlan
 from llmstack.losses import count_targets
@@ -45,30 +46,27 @@ def sft_objective(kernels: KernelPlan) -> SupervisedObjective:
 def load_conversations(cfg: SFTConfig) -> tuple[list, list]:
     d = cfg.data
     fields = chat.ChatFields(d.messages_field, d.prompt_field, d.completion_field)
-    conversations = list(chat.iter_conversations(d.train, fields))
+    conversations = list(chat.iter_examples(d.train, fields))
     if d.eval:
-        return conversations, list(chat.iter_conversations(d.eval, fields))
+        return conversations, list(chat.iter_examples(d.eval, fields))
     train, held_out = [], []
     for index, conversation in enumerate(conversations):
         (held_out if is_held_out(index, d.eval_fraction, cfg.seed) else train).append(conversation)
     return train, held_out
 
 
-def _prompt_of(conversation: list[dict]) -> tuple[list[dict], str]:
-    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
-    return conversation[:last], conversation[last]["content"]
 
 
 def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: int):
     """Greedy answers to the first `n` held-out prompts at every evaluation, appended to samples.jsonl."""
-    prompts = [_prompt_of(c) for c in conversations[:n]]
+    prompts = chat.sample_prompts(conversations, n)
 
     def write(model, step: int) -> dict:
         if not prompts or not run.accelerator.is_main_process:
             return {}
         with open(run.dir / "samples.jsonl", "a") as fh:
             for messages, reference in prompts:
-                answer = greedy_reply(model, tokenizer, messages, max_new_tokens)
+                answer = greedy_reply(model, tokenizer, prompt_ids(tokenizer, messages), max_new_tokens)
                 fh.write(json.dumps({"step": step, "prompt": messages, "reference": reference,
                                      "generated": answer}) + "\n")
         return {}
@@ -88,7 +86,7 @@ def sft(cfg: SFTConfig) -> LoopResult | None:
     if template_added:
         log.info("sft: the tokenizer has no chat template; using llmstack's default (saved with the model)")
     train_conv, held_conv = load_conversations(cfg)
-    encode = lambda convs: [chat.tokenize_conversation(tokenizer, c) for c in convs]  # noqa: E731
+    encode = lambda convs: [chat.tokenize_example(tokenizer, c) for c in convs]  # noqa: E731
     train_rows = chat.build_rows(encode(train_conv), d.max_length, tokenizer.pad_token_id, d.packing, d.overlong)
     held_rows = chat.build_rows(encode(held_conv), d.max_length, tokenizer.pad_token_id, d.packing, d.overlong) \
         if held_conv else None

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from llmstack.data.chat import (DEFAULT_CHAT_TEMPLATE, ChatFields, block_causal_mask, build_rows,
-                                ensure_chat_template, iter_conversations, tokenize_conversation)
+from llmstack.data.chat import (DEFAULT_CHAT_TEMPLATE, ChatFields, PromptCompletion, block_causal_mask, build_rows,
+                                ensure_chat_template, iter_examples, sample_prompts, tokenize_conversation)
 from llmstack.data.sources import DataError
 
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
@@ -50,26 +50,35 @@ def test_a_template_whose_turn_end_is_not_eos_gets_eos_appended(chat_tokenizer):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"text": "hi"}, r"line 1: missing field 'messages' \(or 'prompt' and 'completion'\); the record has: text"),
+    ({"txt": "hi"}, r"line 1: SFT needs fields 'text', 'messages', or 'prompt' and 'completion'; the record "
+                    "has: txt"),
+    ({"text": " \n"}, r"line 1: field 'text' must be non-empty text"),
     ({"messages": [{"role": "robot", "content": "x"}]}, r"line 1: field 'messages'\[0\]\.role is 'robot'"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
      r"line 1: field 'messages'\[1\] is an empty assistant answer"),
     ({"messages": [{"role": "user", "content": "q"}]}, r"line 1: field 'messages' has no assistant turn"),
-    ({"prompt": "q", "completion": 3}, r"line 1: field 'completion' must be a string or a list of messages"),
+    ({"prompt": "q", "completion": 3}, r"line 1: field 'completion' must be text or a list of messages"),
+    ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]},
+     r"line 1: fields 'prompt' and 'completion' must both be text \(standard\) or both lists of messages"),
 ])
 def test_bad_records_name_file_record_and_field(tmp_path, record, message):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(DataError, match=rf"chat\.jsonl, {message}"):
-        list(iter_conversations(str(path)))
+        list(iter_examples(str(path)))
 
 
 def test_prompt_completion_records_and_field_mapping(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"question": "q?", "answer": "a."}) + "\n")
     fields = ChatFields(prompt="question", completion="answer")
-    assert list(iter_conversations(str(path), fields)) == [[{"role": "user", "content": "q?"},
-                                                           {"role": "assistant", "content": "a."}]]
+    assert list(iter_examples(str(path), fields)) == [PromptCompletion("q?", "a.")]
+
+
+def test_sample_prompts_are_the_prompts_of_examples_that_have_one():
+    examples = ["plain text has no prompt", CONVERSATION, PromptCompletion("The sky is", " blue.")]
+    assert sample_prompts(examples, 5) == [(CONVERSATION[:4], "Three."), ("The sky is", " blue.")]
+    assert sample_prompts(examples, 1) == [(CONVERSATION[:4], "Three.")]
 
 
 def test_packing_restarts_positions_masks_first_tokens_and_counts_overlong():

@@ -75,11 +75,10 @@ class SeededSampling(LogitsProcessor):
 
 
 @torch.no_grad()
-def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
-    """The model's greedy answer to one conversation, rendered with the tokenizer's chat template (for
-    samples and evaluation, where one deterministic answer per prompt is wanted)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"].to(next(model.parameters()).device)
+def greedy_reply(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """The model's greedy answer to one prompt's token ids (for samples and evaluation, where one
+    deterministic answer per prompt is wanted)."""
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
