@@ -5,9 +5,10 @@ between documents, every token in exactly one block position. Only the final par
 padding is masked out of the loss (label -100).
 
 Design decisions:
-- Work is linear in the number of tokens, on every path. The streamed packer (`pack_pieces`) carries less than
-  one block of tokens between pieces; the in-memory packer (`pack_corpus`, `load_blocks`) appends the token
-  stream to one flat int64 buffer and reshapes it, so its peak memory is a small multiple of its output.
+- Work is linear in the number of tokens, on every path. The streamed packer (`pack_pieces`) slices blocks
+  out of each piece and carries less than one block between pieces; the in-memory packer (`pack_corpus`,
+  `load_blocks`) appends the token stream to one flat int64 buffer and reshapes it, so its peak memory is a
+  small multiple of its output.
 - A document is tokenised in pieces of about `PIECE_CHARS` characters, a few at a time, so a huge one never
   meets the tokenizer whole, and EOS follows only a document's last piece. Pieces are cut only just before a
   space (U+0020) that follows a non-whitespace character, where the pieces' ids are exactly the whole
@@ -157,21 +158,32 @@ def tokenize_documents(tokenizer, documents: Iterable[str], batch_size: int = 25
 def pack_pieces(pieces: Iterable[tuple[list[int], bool]], block_size: int, eos_id: int,
                 pad_id: int) -> Iterator[tuple[list[int], list[int]]]:
     """(input_ids, labels) blocks of `block_size` from documents' token pieces ((ids, last) pairs, EOS after
-    each `last`); labels equal input_ids except the final block's padding."""
-    buffer: list[int] = []  # fewer than block_size tokens between pieces
+    each `last`); labels equal input_ids except the final block's padding. Blocks are sliced straight out of
+    each piece, so a piece is never copied whole and fewer than `block_size` tokens wait between pieces."""
+    carry: list[int] = []
+    for ids in _with_eos(pieces, eos_id):
+        start = 0
+        if carry:
+            start = min(len(ids), block_size - len(carry))
+            carry += ids[:start]
+            if len(carry) < block_size:
+                continue
+            yield carry, list(carry)
+        end = start + (len(ids) - start) // block_size * block_size
+        for offset in range(start, end, block_size):
+            block = ids[offset:offset + block_size]
+            yield block, list(block)
+        carry = ids[end:]
+    if carry:
+        pad = block_size - len(carry)
+        yield carry + [pad_id] * pad, carry + [IGNORE_INDEX] * pad
+
+
+def _with_eos(pieces: Iterable[tuple[list[int], bool]], eos_id: int) -> Iterator[list[int]]:
     for ids, last in pieces:
-        buffer.extend(ids)
+        yield ids
         if last:
-            buffer.append(eos_id)
-        if len(buffer) >= block_size:
-            end = len(buffer) - len(buffer) % block_size
-            for start in range(0, end, block_size):
-                block = buffer[start:start + block_size]
-                yield block, list(block)
-            del buffer[:end]
-    if buffer:
-        pad = block_size - len(buffer)
-        yield buffer + [pad_id] * pad, buffer + [IGNORE_INDEX] * pad
+            yield [eos_id]
 
 
 def pack_blocks(token_docs: Iterable[list[int]], block_size: int, eos_id: int,

@@ -170,6 +170,18 @@ def reference_blocks(docs: list[str], tokenizer, block_size: int) -> tuple[list[
     return ids, labels
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 5, 16])
+def test_pack_pieces_is_the_concatenated_stream_cut_every_block_size(block_size):
+    rng = random.Random(block_size)
+    pieces = [(list(range(rng.randint(0, 40))), rng.random() < 0.3) for _ in range(200)] + [([7, 8], True)]
+    stream = [t for ids, last in pieces for t in ids + ([-1] if last else [])]
+    blocks = list(text.pack_pieces(pieces, block_size, eos_id=-1, pad_id=-2))
+    expected = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
+    pad = block_size - len(expected[-1])
+    assert [ids for ids, _ in blocks] == expected[:-1] + [expected[-1] + [-2] * pad]
+    assert [labels for _, labels in blocks] == expected[:-1] + [expected[-1] + [-100] * pad]
+
+
 def write_corpus(folder: Path, rng: random.Random) -> list[str]:
     """Documents of random lengths in two JSONL files around one long and one blank .txt file; returns the
     documents in corpus order."""
