@@ -61,8 +61,8 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         seen += len(text)
 
 
-PIECE_CHARS = 1 << 16  # characters per tokenizer input: small next to the tokenizer's per-call overhead
-BATCH_CHARS = 1 << 20  # characters per tokenizer call, which the fast tokenizer spreads over its threads
+PIECE_CHARS = 1 << 16  # characters per tokenizer input: long enough that per-piece work is noise, short enough
+BATCH_CHARS = 1 << 20  # that a call's encodings stay a few tens of MiB; the fast tokenizer threads a batch
 _LAST_CUT = re.compile(r".*\S(?= )", re.DOTALL)  # .end() of a match from pos is the last cut before endpos
 _NEXT_CUT = re.compile(r"\S(?= )")
 _CLEAN = {"ByteLevel", "Metaspace", "Digits"}  # pre-tokenizers that never join text across a clean cut
