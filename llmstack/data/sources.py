@@ -1,7 +1,9 @@
 """Where documents come from: local files and directories, `datasets` names, or the built-in corpus.
 
-Every reader streams: a corpus is never loaded whole (a single .txt file is one document and is read whole).
-Bad records raise `DataError` naming the file, the record and the field.
+Every reader streams: a corpus is never loaded whole. A .txt file is one document, and it also arrives in
+parts (`iter_document_parts`) so that a file of any size is read with bounded memory; `iter_documents`
+joins the parts for callers that want whole strings. Bad records raise `DataError` naming the file, the
+record and the field.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Iterator
 from llmstack.tracking.record import file_sha256
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
+PART_CHARS = 1 << 20  # characters read from a .txt file at a time: a few MiB of memory, few Python calls
 
 
 class DataError(ValueError):
@@ -125,27 +128,55 @@ def iter_records(spec: str) -> Iterator[tuple[str, object]]:
 
 def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
     """Documents of `spec` in a fixed order; empty and whitespace-only documents are skipped."""
+    return _joined(iter_document_parts(spec, text_field))
+
+
+def _joined(parts: Iterator[tuple[str, bool]]) -> Iterator[str]:
+    held: list[str] = []
+    for text, last in parts:
+        held.append(text)
+        if last:
+            yield "".join(held)  # a single part comes back as is, not copied
+            held = []
+
+
+def iter_document_parts(spec: str, text_field: str = "text") -> Iterator[tuple[str, bool]]:
+    """The documents of `iter_documents` as (text, last) pairs: a document is its consecutive parts joined,
+    and `last` marks its final part. A .txt file comes `PART_CHARS` characters at a time; a record is one
+    part, since it is already whole in memory. A missing path fails here, not at the first `next`."""
     n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         from llmstack.data.synthetic import corpus
 
         docs = iter(corpus(n_synthetic))
     elif Path(spec).exists():
-        docs = (doc for path in local_files(spec) for doc in _documents_in(path, text_field))
+        files = local_files(spec)
+        return (part for path in files for part in _file_parts(path, text_field))
     elif _looks_like_path(spec):
         raise FileNotFoundError(f"data file or directory not found: {spec}")
     else:
         docs = (_text_of(record, text_field, where) for where, record in iter_records(spec))
-    return (doc for doc in docs if doc.strip())
+    return ((doc, True) for doc in docs if doc.strip())
 
 
-def _documents_in(path: Path, text_field: str) -> Iterator[str]:
-    if _kind(path).startswith(".txt"):
-        with _open_text(path) as fh:
-            yield fh.read()
-    else:
-        for where, record in _file_records(path):
-            yield _text_of(record, text_field, where)
+def _file_parts(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
+    if not _kind(path).startswith(".txt"):
+        texts = (_text_of(record, text_field, where) for where, record in _file_records(path))
+        yield from ((text, True) for text in texts if text.strip())
+        return
+    with _open_text(path) as fh:
+        blank = []  # leading whitespace: it belongs to the document unless the whole file is blank
+        part = fh.read(PART_CHARS)
+        while part.isspace():
+            blank.append(part)
+            part = fh.read(PART_CHARS)
+        if not part:
+            return
+        yield from ((text, False) for text in blank)
+        while following := fh.read(PART_CHARS):
+            yield part, False
+            part = following
+        yield part, True
 
 
 def describe_source(spec: str) -> dict:

@@ -67,10 +67,9 @@ def _first_eval_blocks(cfg: PretrainConfig, tokenizer, limit: int) -> text.Packe
     """Held-out blocks from the start of a streamed corpus: the same `is_held_out` split the training
     stream skips, read only until `limit` blocks are found."""
     d = cfg.data
-    docs = text.tokenize_documents(tokenizer, sources.iter_documents(d.train, d.text_field))
     ids, labels = [], []
     for index, (block_ids, block_labels) in enumerate(
-            text.pack_blocks(docs, d.block_size, tokenizer.eos_token_id, tokenizer.pad_token_id)):
+            text.packed_blocks(d.train, tokenizer, d.block_size, d.text_field)):
         if text.is_held_out(index, d.eval_fraction, cfg.seed):
             ids.append(block_ids)
             labels.append(block_labels)

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmstack.data import sources
 from llmstack.data.sources import DataError, describe_source, iter_documents
 from llmstack.data.synthetic import corpus
 from llmstack.tracking.record import file_sha256
@@ -22,6 +23,18 @@ def test_text_file_is_one_document_without_bom_or_crlf(tmp_path):
     path = tmp_path / "book.txt"
     path.write_bytes("\ufeffFirst line\r\nSecond line\r\n".encode("utf-8"))
     assert list(iter_documents(str(path))) == ["First line\nSecond line\n"]
+
+
+def test_text_file_parts_join_to_the_file_and_stay_small(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "PART_CHARS", 4)
+    body = "  \n \r\nFirst line\r\nSecond\r\n\r\nthird 東京 \r\n"
+    (tmp_path / "a.txt").write_bytes(("\ufeff" + body).encode())
+    (tmp_path / "b.txt").write_text(" \n\t " * 5)  # blank: skipped, like an empty record
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"x y"))
+    parts = list(sources.iter_document_parts(str(tmp_path)))
+    assert all(0 < len(part) <= 4 for part, _ in parts)
+    assert [last for _, last in parts].count(True) == 2 and parts[-1] == ("x y", True)
+    assert list(sources.iter_documents(str(tmp_path))) == [body.replace("\r\n", "\n"), "x y"]
 
 
 @pytest.mark.parametrize("content, message", [
