@@ -10,8 +10,8 @@ import os
 import sys
 from typing import NoReturn
 
-from llmstack.config import (ConfigError, CurateConfig, PipelineConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
-                             describe, load_config)
+from llmstack.config import (ConfigError, CurateConfig, DPOConfig, GRPOConfig, PipelineConfig, PPOConfig,
+                             PretrainConfig, RewardConfig, SFTConfig, describe, load_config)
 from llmstack.trainers.base import NonFiniteLossError
 
 # stage -> (config class, "module:function" run lazily so `--help` does not import torch-heavy code)
@@ -21,6 +21,8 @@ STAGES = {
     "sft": (SFTConfig, "llmstack.trainers.sft:sft"),
     "reward": (RewardConfig, "llmstack.trainers.reward:reward"),
     "ppo": (PPOConfig, "llmstack.trainers.ppo:ppo"),
+    "grpo": (GRPOConfig, "llmstack.trainers.ppo:ppo"),
+    "dpo": (DPOConfig, "llmstack.trainers.dpo:dpo"),
     "pipeline": (PipelineConfig, "llmstack.pipeline:pipeline"),
 }
 

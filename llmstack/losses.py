@@ -5,7 +5,8 @@ Shape legend: B batch, T sequence length, V vocabulary, N preference pairs or ra
 Losses return a *sum* over target tokens, not a mean. The training loop divides by the number of target
 tokens in the whole global batch (all micro-batches, all processes), so a step's objective does not depend on
 how the batch is split into micro-batches, devices or packed rows. The DPO losses return one value per pair or
-ranking, to be summed and divided the same way by the global number of pairs or rankings.
+ranking, to be summed and divided the same way by the global number of pairs or rankings; the RL policy
+loss returns one value per token, which `llmstack.rl.aggregation` turns into the step's loss.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from llmstack.kernels.linear_cross_entropy import IGNORE_INDEX
 
 __all__ = ["DPO_LOSSES", "DPO_RANKING_MODES", "IGNORE_INDEX", "causal_lm_loss_sum", "count_targets", "dpo_loss",
-           "dpo_ranking_loss", "ppo_policy_loss_sum", "ranking_loss_sum", "value_loss_sum"]
+           "dpo_ranking_loss", "ppo_policy_loss_tokens", "ranking_loss_sum", "value_loss_sum"]
 
 
 def causal_lm_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -64,21 +65,22 @@ def ranking_loss_sum(scores_NK: torch.Tensor, ranks_NK: torch.Tensor, margins_N:
     return loss.sum()
 
 
-def ppo_policy_loss_sum(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_BT: torch.Tensor,
-                        mask_BT: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), summed over response tokens:
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) with ratio = exp(logp - old_logp).
+def ppo_policy_loss_tokens(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_BT: torch.Tensor,
+                           mask_BT: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7) per response token [B, T], 0 on padding:
+    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) with ratio = exp(logp - old_logp). How the tokens
+    become one loss (a token mean, a sequence mean, a constant) is `llmstack.rl.aggregation`'s choice.
     Also returns token sums of the clip indicator and of the (k3) old->new KL estimate, for metrics."""
     mask = mask_BT.to(logp_BT.dtype)
     log_ratio = logp_BT - old_logp_BT
     ratio = torch.exp(log_ratio)
     unclipped = -advantages_BT * ratio
     clipped = -advantages_BT * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = (torch.maximum(unclipped, clipped) * mask).sum()
+    loss_BT = torch.maximum(unclipped, clipped) * mask
     with torch.no_grad():
         stats = {"clipped_tokens": ((clipped > unclipped).to(mask.dtype) * mask).sum(),
                  "approx_kl_sum": ((torch.expm1(-log_ratio) + log_ratio) * mask).sum()}
-    return loss, stats
+    return loss_BT, stats
 
 
 def value_loss_sum(values_BT: torch.Tensor, old_values_BT: torch.Tensor, returns_BT: torch.Tensor,

@@ -1,11 +1,14 @@
-"""`llmstack pipeline`: curate -> pretrain -> SFT -> reward model -> PPO in one directory, then REPORT.md.
+"""`llmstack pipeline`: curate -> pretrain -> SFT -> reward model -> alignment routes in one directory, then
+REPORT.md. The routes after SFT (`routes`): PPO on the reward model, the same without the KL penalty, GRPO on
+the reward model, GRPO on the gold rubric itself, and DPO on the annotators' rankings.
 
 Each stage runs in `output_dir/<stage>/` and starts from the previous stage's `model/` (pretraining: the
 curation run's `data/`) wherever its config says 'previous'. A finished stage is skipped on a re-run and an
 interrupted one resumes, because each stage already behaves that way on its own directory. The report
 (`llmstack.evaluation.report`) reads the stages' records and adds the measures only the pipeline can take:
-answer accuracy before/after SFT, the reward model's agreement with the gold rubric, and PPO with the KL
-penalty switched off. This module sits above the trainers and evaluation, beside the command line.
+answer accuracy before/after SFT, the reward model's agreement with the gold rubric, and every route's
+policy read on the same fresh questions. This module sits above the trainers and evaluation, beside the
+command line.
 """
 
 from __future__ import annotations
@@ -14,17 +17,34 @@ import dataclasses
 from pathlib import Path
 
 from llmstack.config import PREVIOUS, PipelineConfig
+from llmstack.config.schema import ROUTES
 from llmstack.data.curate import curate
 from llmstack.evaluation.report import write_report
 from llmstack.trainers.base import log
+from llmstack.trainers.dpo import dpo
 from llmstack.trainers.ppo import ppo
 from llmstack.trainers.pretrain import pretrain
 from llmstack.trainers.reward import reward
 from llmstack.trainers.sft import sft
 
-STAGES = (("curate", curate), ("pretrain", pretrain), ("sft", sft), ("reward", reward), ("ppo", ppo))
-# whose model/ a stage's 'previous' means: the reward model and the PPO policy both start from SFT
-PARENT = {"sft": "pretrain", "reward": "sft", "ppo": "sft", "ppo-no-kl": "sft"}
+STAGES = (("curate", curate), ("pretrain", pretrain), ("sft", sft), ("reward", reward))
+# whose model/ a stage's 'previous' means: the reward model and every route's policy start from SFT
+PARENT = {"sft": "pretrain", "reward": "sft", **{route: "sft" for route in ROUTES}}
+
+
+def route_config(cfg: PipelineConfig, route: str):
+    """(the stage function, its config) of one alignment route after SFT."""
+    if route == "ppo":
+        return ppo, cfg.ppo
+    if route == "ppo-no-kl":  # the contrast: the same PPO with the KL penalty off
+        return ppo, dataclasses.replace(cfg.ppo, ppo=dataclasses.replace(cfg.ppo.ppo, kl_coef=0.0, kl_target=None))
+    if route == "grpo":
+        return ppo, cfg.grpo
+    if route == "grpo-gold":  # GRPO on the hidden rubric itself: the ceiling the reward model approximates
+        return ppo, dataclasses.replace(cfg.grpo, reward_model=dataclasses.replace(cfg.grpo.reward_model,
+                                                                                    name_or_path=None),
+                                        reward_funcs=[cfg.gold_reward], reward_weights=[])
+    return dpo, cfg.dpo
 
 
 def _wired(cfg, root: Path, name: str, seed: int):
@@ -47,14 +67,12 @@ def pipeline(cfg: PipelineConfig):
     (None when every stage had already finished), or the interrupted stage's result."""
     root = Path(cfg.output_dir)
     runs = [(name, run_stage, getattr(cfg, name)) for name, run_stage in STAGES]
-    if cfg.contrast_without_kl:
-        no_kl = dataclasses.replace(cfg.ppo, ppo=dataclasses.replace(cfg.ppo.ppo, kl_coef=0.0, kl_target=None))
-        runs.append(("ppo-no-kl", ppo, no_kl))
+    runs += [(route, *route_config(cfg, route)) for route in cfg.routes]
     result = None
     for name, run_stage, stage_cfg in runs:
         log.info(f"pipeline: stage {name} in {root / name}")
         result = run_stage(_wired(stage_cfg, root, name, cfg.seed))
-        if result is not None and result.status != "finished":
+        if result is not None and not result.completed:
             return result
     print(write_report(root, cfg))
     return result

@@ -135,7 +135,7 @@ def test_trl_reads_the_prompt_rows_llmstack_deals(setup):
     tokenizer = load_tokenizer(str(directory / "policy"))
     cfg = load_config(PPOConfig, None, llmstack_overrides(work, str(directory / "policy"), str(directory / "reward"),
                                                           str(directory / "prompts.jsonl"), "out"))
-    rows, _ = load_prompts(cfg, tokenizer)
+    rows, _, _ = load_prompts(cfg, tokenizer)
     dealt = [b for _, b in zip(range(work.steps), ShuffledBatches(rows, work.rollout, 0, 1, work.seed))]
     queries = torch.tensor(json.loads((directory / "queries.json").read_text()))
     assert torch.equal(queries, torch.cat([b["input_ids"] for b in dealt]))

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from llmstack.cli import main as cli_main
-from llmstack.config import (ConfigError, CurateConfig, PipelineConfig, PPOConfig, PretrainConfig, RewardConfig,
-                             SFTConfig, load_config, save_config)
+from llmstack.config import (ConfigError, CurateConfig, DPOConfig, GRPOConfig, PipelineConfig, PPOConfig,
+                             PretrainConfig, RewardConfig, SFTConfig, load_config, save_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,9 +81,10 @@ def test_saved_config_loads_back_identical(tmp_path):
                          ids=lambda p: p.name)
 def test_shipped_stage_configs_load(path, monkeypatch):
     monkeypatch.chdir(REPO)  # configs name files relative to the repository root
-    stage = next(name for name in ("curate", "pretrain", "sft", "reward", "ppo", "pipeline") if name in path.name)
-    load_config({"curate": CurateConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
-                 "ppo": PPOConfig, "pipeline": PipelineConfig}[stage], path)
+    classes = {"curate": CurateConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+               "ppo": PPOConfig, "grpo": GRPOConfig, "dpo": DPOConfig, "pipeline": PipelineConfig}
+    stage = next(name for name in classes if name in path.name)
+    load_config(classes[stage], path)
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):

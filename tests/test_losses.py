@@ -46,24 +46,24 @@ def test_centering_term_adds_mean_square_of_valid_scores():
 
 
 def test_clipped_policy_loss_at_chosen_ratios():
-    from llmstack.losses import ppo_policy_loss_sum
+    from llmstack.losses import ppo_policy_loss_tokens
 
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 3.0]]))  # ratios 1.5, 0.5, 1.1, 3.0
     adv = torch.tensor([[1.0, 1.0, -2.0, 0.7]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    loss, stats = ppo_policy_loss_sum(logp, old, adv, mask, clip=0.2)
+    loss, stats = ppo_policy_loss_tokens(logp, old, adv, mask, clip=0.2)
     # A>0, r=1.5 -> clipped 1.2 -> -1.2; A>0, r=0.5 -> unclipped -0.5 (pessimistic max); A<0, r=1.1 -> 2.2
-    assert loss.item() == pytest.approx(-1.2 - 0.5 + 2.2)
+    assert loss.tolist() == pytest.approx([[-1.2, -0.5, 2.2, 0.0]])
     assert stats["clipped_tokens"].item() == 1
 
 
 def test_policy_loss_with_identical_policies_has_ratio_one():
-    from llmstack.losses import ppo_policy_loss_sum
+    from llmstack.losses import ppo_policy_loss_tokens
 
     logp, adv = torch.randn(2, 5), torch.randn(2, 5)
-    loss, stats = ppo_policy_loss_sum(logp, logp.clone(), adv, torch.ones(2, 5), clip=0.2)
-    assert loss.item() == pytest.approx(-adv.sum().item(), rel=1e-6)
+    loss, stats = ppo_policy_loss_tokens(logp, logp.clone(), adv, torch.ones(2, 5), clip=0.2)
+    torch.testing.assert_close(loss, -adv)
     assert stats["approx_kl_sum"].item() == 0 and stats["clipped_tokens"].item() == 0
 
 

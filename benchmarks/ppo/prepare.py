@@ -89,7 +89,7 @@ def prompt_rows(work: Work, setup: Path, prompts_file: Path) -> None:
                                                           str(setup / "prompts.jsonl"), str(setup / "unused")))
     tokenizer = load_tokenizer(str(setup / "policy"))
     ensure_chat_template(tokenizer)
-    rows, _ = load_prompts(cfg, tokenizer)
+    rows, _, _ = load_prompts(cfg, tokenizer)
     batches = iter(ShuffledBatches(rows, work.rollout, 0, 1, work.seed))
     queries = torch.cat([next(batches)["input_ids"] for _ in range(work.steps)])
     (setup / "queries.json").write_text(json.dumps(queries.tolist()))

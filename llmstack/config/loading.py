@@ -21,9 +21,10 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
-           ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
-    """A config field with its documentation and numeric bounds (ge: >=, gt: >, le: <=)."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+           ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A config field with its documentation and numeric bounds (ge: >=, gt: >, le: <=, lt: <)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -196,7 +197,7 @@ def _check_bounds(key: str, value: Any, meta: Any) -> Any:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return value
     checks = (("ge", ">=", lambda v, lim: v >= lim), ("gt", ">", lambda v, lim: v > lim),
-              ("le", "<=", lambda v, lim: v <= lim))
+              ("le", "<=", lambda v, lim: v <= lim), ("lt", "<", lambda v, lim: v < lim))
     for name, word, holds in checks:
         limit = meta.get(name)
         if limit is not None and not holds(value, limit):

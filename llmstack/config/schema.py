@@ -58,7 +58,8 @@ class TrainConfig:
     grad_accum: int = option(1, "Micro-batches accumulated per optimiser step.", ge=1)
     lr: float = option(3e-3, "Peak learning rate.", gt=0.0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Decay after warm-up.")
-    warmup_steps: int = option(30, "Linear warm-up steps from 0 to train.lr.", ge=0)
+    warmup_steps: int = option(30, "Linear warm-up steps from 0 to train.lr; at most a tenth of train.max_steps "
+                               "is used when it would leave no decay (a warning says so).", ge=0)
     min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of train.lr (cosine/linear).",
                                  ge=0.0, le=1.0)
     weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to biases and norms).", ge=0.0)
@@ -79,9 +80,6 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"config key '{prefix}.adam_betas': {self.adam_betas!r} is not allowed; "
                               "expected two numbers in [0, 1), e.g. [0.9, 0.95]")
-        if self.warmup_steps >= self.max_steps and self.schedule != "constant":
-            raise ConfigError(f"config key '{prefix}.warmup_steps': {self.warmup_steps} leaves no decay within "
-                              f"{prefix}.max_steps={self.max_steps}; allowed: < max_steps")
 
 
 @dataclass
@@ -180,6 +178,40 @@ class RewardConfig:
 
 
 @dataclass
+class DPOSettings:
+    beta: float = option(0.1, "Strength of the KL regularisation implied by DPO: the implicit reward is "
+                         "beta x (log pi - log ref).", gt=0.0)
+    loss: Literal["sigmoid", "ipo"] = option("sigmoid", "DPO's logistic loss (Rafailov et al. 2023) or IPO's "
+                                             "squared one (Azar et al. 2023).")
+    label_smoothing: float = option(0.0, "Conservative DPO: the share of preferences assumed flipped "
+                                    "(Mitchell 2023); sigmoid loss only.", ge=0.0, lt=0.5)
+    rankings: Literal["pairs", "plackett_luce"] = option(
+        "pairs", "A K-way ranking as all its implied pairs, the ranking weighed once, or as one Plackett-Luce "
+        "likelihood of the whole order.")
+    kl_prompts: int = option(16, "Held-out prompts answered by the policy at every evaluation to measure the "
+                             "KL to the reference (keeps the reference model loaded; 0 turns it off).", ge=0)
+    kl_max_new_tokens: int = option(32, "Longest answer sampled for the KL measurement.", ge=1)
+
+
+@dataclass
+class DPOConfig:
+    """DPO: the SFT model learns the people's preferences directly, with no reward model, regularised towards
+    itself (the reference)."""
+
+    output_dir: str = option("runs/dpo", "Run directory; re-running on it resumes.")
+    seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
+    kernels: Kernels = _kernels_option()
+    model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
+                                help="The SFT policy; also the frozen reference.")
+    data: PreferenceDataConfig = option(default_factory=PreferenceDataConfig)
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=5e-7, warmup_steps=10, max_steps=200,
+                                                                    batch_size=8, weight_decay=0.0))
+    lora: LoraConfig = option(default_factory=LoraConfig, help="LoRA on the policy; the reference is then the "
+                              "policy with its adapter disabled (no second copy).")
+    dpo: DPOSettings = option(default_factory=DPOSettings)
+
+
+@dataclass
 class PromptDataConfig:
     train: str = option("synthetic", "Prompts: {'prompt'} (text or messages) or {'messages'} records in "
                         "JSONL/JSON/Parquet files, a `datasets` name, or 'synthetic[:N]' (built-in questions "
@@ -207,6 +239,9 @@ class RolloutConfig:
     temperature: float = option(1.0, "Sampling temperature, also used when log-probabilities are recomputed.",
                                 gt=0.0)
     top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
+    samples_per_prompt: int = option(1, "Answers sampled per prompt (a group, G): group-relative estimators "
+                                     "(grpo, rloo) compare a prompt's answers with each other; each answer is "
+                                     "sampled from its own seed.", ge=1, le=1024)
 
 
 @dataclass
@@ -216,6 +251,17 @@ class PPOSettings:
                                        "max_new_tokens": "rollout.max_new_tokens",
                                        "temperature": "rollout.temperature", "top_p": "rollout.top_p"}
 
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = option(
+        "gae", "Advantage estimator (llmstack.rl.estimators): 'gae' with a value model (PPO), 'grpo' (group mean, "
+        "divided by the group's std unless ppo.scale_by_std=false), 'rloo' (leave-one-out baseline), "
+        "'reinforce_pp' (REINFORCE++: global normalisation, KL in the reward). grpo and rloo need "
+        "rollout.samples_per_prompt >= 2 and train no value model.")
+    scale_by_std: bool = option(True, "grpo: divide each group's advantages by its standard deviation (false: "
+                                "Dr. GRPO, Liu et al. 2025).")
+    loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum_constant"] = option(
+        "token_mean", "How the policy's per-token losses become one (llmstack.rl.aggregation): the global token "
+        "mean, each response's mean then the batch mean (original GRPO), or the token sum over sequences x "
+        "rollout.max_new_tokens (Dr. GRPO).")
     epochs: int = option(2, "Passes over each rollout.", ge=1)
     clip: float = option(0.2, "Policy ratio clip epsilon.", gt=0.0, le=1.0)
     value_clip: float = option(0.2, "Value clip around the rollout's values.", gt=0.0)
@@ -263,15 +309,37 @@ class PPOConfig:
     metrics: list[str] = option(default_factory=list, help="Functions logged at every step, each named "
                                 "'package.module:function' and called as f(prompts, completions) -> one number "
                                 "per response (e.g. llmstack.evaluation.builtin_task:gold_reward).")
+    reward_funcs: list[str] = option(default_factory=list, help="Reward functions beside (or instead of) the "
+                                     "reward model: built-in names (numeric_match, answer_format, length_penalty) "
+                                     "or 'package.module:function', called as f(prompts, completions, **columns) "
+                                     "-> one number per completion (llmstack.rl.reward_functions).")
+    reward_weights: list[float] = option(default_factory=list, help="Weight of each reward source in the sum: "
+                                         "the reward model first (when set), then reward_funcs in order; empty: "
+                                         "all 1.")
 
     def validate(self, prefix: str) -> None:
-        if not self.reward_model.name_or_path:
-            raise ConfigError("config key 'reward_model.name_or_path' is required: the reward stage's model/")
+        if self.ppo.estimator == "gae" and not (self.value_model.name_or_path or self.reward_model.name_or_path):
+            raise ConfigError("config key 'ppo.estimator': gae trains a value model; set 'value_model.name_or_path' "
+                              "(a reward model or the policy to start it from), or choose a critic-free estimator "
+                              "(grpo, rloo, reinforce_pp)")
+        if self.ppo.estimator == "grpo" and self.ppo.kl_in != "loss":
+            raise ConfigError("config key 'ppo.kl_in': the grpo estimator keeps the KL penalty out of the reward; "
+                              "set ppo.kl_in=loss")
         if self.ppo.ptx_coef > 0 and not self.data.ptx:
             raise ConfigError("config key 'ppo.ptx_coef' > 0 needs 'data.ptx': the pretraining text to mix in")
         if self.train.grad_accum != 1:
             raise ConfigError("config key 'train.grad_accum': PPO takes minibatches of train.batch_size from each "
                               "rollout; set rollout.batch_size for more samples and keep grad_accum 1")
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """GRPO: the policy learns from groups of answers to the same prompt, each compared with its group's
+    mean; no value model. The same RL loop as PPO with GRPO's defaults (llmstack.rl.estimators)."""
+
+    rollout: RolloutConfig = option(default_factory=lambda: RolloutConfig(samples_per_prompt=4))
+    ppo: PPOSettings = option(default_factory=lambda: PPOSettings(estimator="grpo", kl_in="loss", kl_estimator="k3",
+                                                                  kl_coef=0.04, kl_target=None, epochs=1))
 
 
 PREVIOUS = "previous"  # a model path meaning "the previous pipeline stage's model/"
@@ -281,10 +349,13 @@ def _from_previous(cls):
     """A stage's defaults, starting from the previous pipeline stage's model (and, for RL, reward model)."""
     def build():
         changes = {"model": ModelConfig(name_or_path=PREVIOUS, preset=None)}
-        if cls is PPOConfig:
+        if issubclass(cls, PPOConfig):
             changes["reward_model"] = ModelRef(PREVIOUS)
         return cls(**changes)
     return build
+
+
+ROUTES = ("ppo", "ppo-no-kl", "grpo", "grpo-gold", "dpo")
 
 
 @dataclass
@@ -300,5 +371,16 @@ class PipelineConfig:
     sft: SFTConfig = option(default_factory=_from_previous(SFTConfig))
     reward: RewardConfig = option(default_factory=_from_previous(RewardConfig))
     ppo: PPOConfig = option(default_factory=_from_previous(PPOConfig))
-    contrast_without_kl: bool = option(True, "Also run PPO with the KL penalty off, to show over-optimisation "
-                                       "of the reward model against the gold reward.")
+    grpo: GRPOConfig = option(default_factory=_from_previous(GRPOConfig))
+    dpo: DPOConfig = option(default_factory=_from_previous(DPOConfig))
+    routes: list[Literal["ppo", "ppo-no-kl", "grpo", "grpo-gold", "dpo"]] = option(
+        default_factory=lambda: list(ROUTES), help="Alignment routes run after SFT, each from the SFT model: "
+        "'ppo' and 'grpo' on the reward model, 'ppo-no-kl' (PPO with the KL penalty off, to show "
+        "over-optimisation), 'grpo-gold' (GRPO on the gold reward function itself), 'dpo' (on the preference "
+        "data directly).")
+    gold_reward: str = option("llmstack.evaluation.builtin_task:gold_reward", "The task's gold reward function "
+                              "('package.module:function'): the grpo-gold route's reward and the report's measure.")
+
+    def validate(self, prefix: str) -> None:
+        if len(set(self.routes)) != len(self.routes):
+            raise ConfigError(f"config key 'routes': {self.routes} names a route twice")

@@ -135,15 +135,25 @@ def text_or_messages(value, where: str, name: str) -> str | list[dict]:
 
 
 def iter_prompts(spec: str, fields: ChatFields = ChatFields()):
-    """PPO's prompts, text or messages, from `{"prompt"}` records (other fields are ignored, as TRL's online
-    trainers ignore them) or `{"messages"}` records, the conversation so far."""
+    """PPO's prompts, text or messages, from `{"prompt"}` records or `{"messages"}` records, the conversation
+    so far."""
+    return (prompt for prompt, _ in iter_prompt_records(spec, fields))
+
+
+def iter_prompt_records(spec: str, fields: ChatFields = ChatFields()):
+    """(prompt, the record's other fields) of each prompt-only record: the other fields are what reward
+    functions receive by name (a reference answer, a test case), as TRL's online trainers pass them."""
     for where, record in iter_records(spec):
         if isinstance(record, dict) and fields.messages in record:
-            yield messages(record[fields.messages], where, fields.messages)
+            yield messages(record[fields.messages], where, fields.messages), _others(record, fields.messages)
         elif isinstance(record, dict) and fields.prompt in record:
-            yield text_or_messages(record[fields.prompt], where, fields.prompt)
+            yield text_or_messages(record[fields.prompt], where, fields.prompt), _others(record, fields.prompt)
         else:
             raise refusal(record, where, "ppo", fields)
+
+
+def _others(record: dict, used: str) -> dict:
+    return {k: v for k, v in record.items() if k != used}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import torch
 from llmstack.data.formats import (IMPLICIT_PREFERENCE, PREFERENCE, RANKING, continuation_text, plain_ids,
                                    prompt_ids, record_type, refusal, text_ids, text_or_messages, with_eos)
 from llmstack.data.sources import DataError, iter_records, synthetic_count
+from llmstack.data.text import is_held_out
 
 log = logging.getLogger("llmstack")
 
@@ -251,6 +252,20 @@ def import_label_studio(path: str | Path) -> Iterator[PreferenceGroup]:
 
 
 IMPORTERS = {"auto": iter_groups, "hh": import_hh, "oasst": import_oasst, "label_studio": import_label_studio}
+
+
+def load_groups(train: str, eval: str | None, format: str, eval_fraction: float,
+                seed: int) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+    """(training groups, held-out groups) read by the importer of `format`: `eval`'s when given, else a
+    deterministic `eval_fraction` of `train` (`is_held_out`)."""
+    read = IMPORTERS[format]
+    groups = list(read(train))
+    if eval:
+        return groups, list(read(eval))
+    kept, held_out = [], []
+    for index, group in enumerate(groups):
+        (held_out if is_held_out(index, eval_fraction, seed) else kept).append(group)
+    return kept, held_out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmstack.data.formats import ChatFields, iter_prompts, prompt_ids
+from llmstack.data.formats import ChatFields, iter_prompt_records, prompt_ids
 from llmstack.data.sources import synthetic_count
 
 
@@ -28,15 +28,21 @@ class PromptRows:
                 "index": self.index[index]}
 
 
-def load_conversations(spec: str, fields: ChatFields, seed: int) -> list:
-    """The prompts of prompt-only records (text, a conversation, or `{messages}`: the conversation so far;
-    `llmstack.data.formats`), or of 'synthetic[:N]' (the built-in questions, seeded by `seed`)."""
+def load_prompt_set(spec: str, fields: ChatFields, seed: int) -> tuple[list, dict[str, list]]:
+    """(the prompts of prompt-only records: text, a conversation, or `{messages}`, the conversation so far
+    (`llmstack.data.formats`); every other field by name, one value per prompt, None where a record lacks
+    it), or of 'synthetic[:N]' (the built-in questions, seeded by `seed`, with no other fields)."""
     n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         from llmstack.data.synthetic import rl_prompts
 
-        return rl_prompts(n_synthetic, seed)
-    return list(iter_prompts(spec, fields))
+        return rl_prompts(n_synthetic, seed), {}
+    prompts, others = [], []
+    for prompt, rest in iter_prompt_records(spec, fields):
+        prompts.append(prompt)
+        others.append(rest)
+    names = list(dict.fromkeys(name for rest in others for name in rest))
+    return prompts, {name: [rest.get(name) for rest in others] for name in names}
 
 
 def left_padded(tokenizer, prompts: list, max_length: int | None = None) -> PromptRows:

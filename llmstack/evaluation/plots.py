@@ -22,8 +22,10 @@ def series(rows: list[dict], key: str, smooth: int = 1) -> tuple[list[int], list
     return steps, means
 
 
-def plot_panels(path: Path, panels: list[tuple[str, dict[str, tuple[list, list]]]], title: str) -> Path:
-    """One row of panels, each (y label, {curve label: (steps, values)}), written as a PNG at `path`."""
+def plot_panels(path: Path, panels: list[tuple[str, dict[str, tuple[list, list]]]], title: str,
+                xlabel: str = "step", markers: bool = False) -> Path:
+    """One row of panels, each (y label, {curve label: (x, y)}), written as a PNG at `path`; `markers` draws
+    each curve's points as markers (one point per curve: a scatter of labelled points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,8 +34,8 @@ def plot_panels(path: Path, panels: list[tuple[str, dict[str, tuple[list, list]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (ylabel, curves) in zip(axes[0], panels):
         for label, (steps, values) in curves.items():
-            ax.plot(steps, values, label=label)
-        ax.set_xlabel("step")
+            ax.plot(steps, values, "o" if markers else "-", label=label)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(curves) > 1:

@@ -35,36 +35,70 @@ def _mean_of_last(rows: list[dict], key: str, n: int = 10) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+ROUTE_LABELS = {"ppo": "PPO on the reward model, KL penalty on", "ppo-no-kl": "PPO on the reward model, KL penalty off",
+                "grpo": "GRPO on the reward model", "grpo-gold": "GRPO on the gold rubric",
+                "dpo": "DPO on the annotators' rankings"}
+RL_ROUTES = ("ppo", "ppo-no-kl", "grpo", "grpo-gold")
+
+
+def _routes(root: Path, cfg) -> list[str]:
+    return [route for route in cfg.routes if (root / route / "model").is_dir()]
+
+
 def _readings(root: Path, cfg, questions) -> dict[str, PolicyReading]:
-    """The SFT model (PPO's reference and starting point) and each PPO policy, read on the same questions."""
+    """The SFT model (every route's reference and starting point) and each route's policy, read on the same
+    questions with the same sampling."""
     r = cfg.ppo.rollout
     sampling = SamplingSettings(r.max_new_tokens, r.temperature, 1.0)
     read = lambda policy: read_policy(str(policy), str(root / "sft" / "model"), str(root / "reward" / "model"),  # noqa: E731
                                       questions, samples=SAMPLES, sampling=sampling, engine=r.engine, seed=cfg.seed)
-    out = {"SFT model (before PPO)": read(root / "sft" / "model"), "PPO, KL penalty on": read(root / "ppo" / "model")}
-    if (root / "ppo-no-kl" / "model").is_dir():
-        out["PPO, KL penalty off"] = read(root / "ppo-no-kl" / "model")
-    return out
+    return {"sft": read(root / "sft" / "model"), **{route: read(root / route / "model") for route in _routes(root, cfg)}}
 
 
-def _figures(root: Path) -> list[str]:
-    """training.png (each supervised stage's held-out curve) and ppo.png (proxy vs gold vs KL, KL on/off)."""
+def _figures(root: Path, cfg, readings: dict[str, PolicyReading]) -> list[str]:
+    """training.png (each supervised stage's held-out curve), rl.png (reward, gold and KL of every RL route
+    over its steps) and routes.png (each route's policy: gold reward against KL, from the readings)."""
     if importlib.util.find_spec("matplotlib") is None:
         return ["(figures skipped: matplotlib is not installed; `pip install matplotlib` and re-run to draw them)"]
-    rows = {name: read_metrics(root / name / "metrics.jsonl") for name in ("pretrain", "sft", "reward", "ppo")}
+    rows = {name: read_metrics(root / name / "metrics.jsonl") for name in ("pretrain", "sft", "reward")}
     plot_panels(root / "training.png", [
         ("held-out perplexity", {"pretrain": series(rows["pretrain"], "eval_ppl")}),
         ("held-out answer loss", {"SFT": series(rows["sft"], "eval_loss")}),
         ("held-out pairwise accuracy", {"reward": series(rows["reward"], "eval_accuracy")})],
         "Pretraining, SFT and reward model on held-out data")
-    runs = {"KL penalty on": rows["ppo"]}
-    if (root / "ppo-no-kl" / "metrics.jsonl").is_file():
-        runs["KL penalty off"] = read_metrics(root / "ppo-no-kl" / "metrics.jsonl")
-    panels = [(label, {run: series(r, key, SMOOTH) for run, r in runs.items()})
-              for label, key in (("reward-model score", "reward"), ("gold reward", "gold_reward"),
+    runs = {route: read_metrics(root / route / "metrics.jsonl") for route in _routes(root, cfg) if route in RL_ROUTES}
+    panels = [(label, {route: series(r, key, SMOOTH) for route, r in runs.items()})
+              for label, key in (("reward (the route's own)", "reward"), ("gold reward", "gold_reward"),
                                  ("KL to reference (nats/answer)", "kl"))]
-    plot_panels(root / "ppo.png", panels, f"PPO rollouts (trailing mean of {SMOOTH} steps)")
-    return ["![training curves](training.png)", "", "![PPO curves](ppo.png)"]
+    plot_panels(root / "rl.png", panels, f"RL rollouts (trailing mean of {SMOOTH} steps)")
+    points = {name: ([r.kl], [r.gold]) for name, r in readings.items()}
+    plot_panels(root / "routes.png", [("gold reward", points)], "Each route's policy: gold reward against KL to "
+                "the SFT model", xlabel="KL (nats per answer)", markers=True)
+    return ["![training curves](training.png)", "", "![RL curves](rl.png)", "", "![routes](routes.png)"]
+
+
+def _route_lines(root: Path, cfg, readings: dict[str, PolicyReading]) -> list[str]:
+    rollout_cfg = cfg.ppo.rollout
+    lines = ["## Routes from the SFT model", "",
+             f"{SAMPLES} answers to each of the same {N_QUESTIONS} new questions per model, sampled at temperature "
+             f"{rollout_cfg.temperature} as in training. Gold reward: 1.5 right / 0.5 wrong, +0.3 polite, -0.3 rude, "
+             "-0.1 padded, 0 for text that is no answer. KL: mean over answers of log pi - log ref, ref the SFT "
+             "model. Wall time: the route's training.", "",
+             "| model | gold reward | reward-model score | KL | right | polite | rude | padded | not an answer "
+             "| wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in readings.items():
+        label = "SFT model (the start of every route)" if name == "sft" else ROUTE_LABELS[name]
+        wall = "-" if name == "sft" else f"{_record(root / name)['wall_time_s']:.0f} s"
+        lines.append(f"| {label} | {r.gold:.3f} | {r.reward_model:.3f} | {r.kl:.2f} | {r.right:.0%} | "
+                     f"{r.polite:.0%} | {r.rude:.0%} | {r.padded:.0%} | {r.malformed:.0%} | {wall} |")
+    for route in ("ppo", "grpo"):
+        settings = getattr(cfg, route).ppo
+        if route in readings and settings.kl_target is not None:
+            rows = _metrics(root / route)
+            lines += ["", f"{ROUTE_LABELS[route]}: adaptive KL controller, target {settings.kl_target} nats per "
+                      f"answer; over the last 10 steps the rollouts' KL averaged {_mean_of_last(rows, 'kl'):.2f} "
+                      f"with coefficient {_mean_of_last(rows, 'kl_coef'):.3f}."]
+    return lines
 
 
 def write_report(root: Path, cfg) -> str:
@@ -76,8 +110,6 @@ def write_report(root: Path, cfg) -> str:
     rm_gold, annotator_gold = gold_agreement(rm, N_QUESTIONS, cfg.seed)
     alpha = _record(rm)["annotators"]["krippendorff_alpha"]
     readings = _readings(root, cfg, questions)
-    before, after = readings["SFT model (before PPO)"], readings["PPO, KL penalty on"]
-    p, rollout_cfg = cfg.ppo.ppo, cfg.ppo.rollout
     lines = ["# Pipeline report", "", f"Pipeline directory `{root}`; every stage's lineage is in its `record.json`.",
              "", "| stage | measure | before → after |", "|---|---|---|",
              f"| curate | documents (words) | {cm['documents_in']:,} ({cm['words_in']:,}) → {cm['documents_out']:,} "
@@ -86,32 +118,20 @@ def write_report(root: Path, cfg) -> str:
              f"| SFT | held-out answer loss | {sm['initial_eval_loss']:.3f} → {sm['final_eval_loss']:.3f} |",
              f"| SFT | right answers to {N_QUESTIONS} new questions (greedy) | {acc_before:.1%} → {acc_after:.1%} |",
              f"| reward | held-out pairwise accuracy vs the annotators | {rmm['initial_eval_accuracy']:.1%} → "
-             f"{rmm['final_eval_accuracy']:.1%} |",
-             f"| PPO | gold reward (sampled answers) | {before.gold:.3f} → {after.gold:.3f} |",
-             f"| PPO | reward-model score | {before.reward_model:.3f} → {after.reward_model:.3f} |",
-             f"| PPO | KL to the SFT model (nats per answer) | {before.kl:.3f} → {after.kl:.3f} |", "",
-             "## Curation", "",
-             "Documents removed, by the first rule (in order) that removed them: "
-             + ", ".join(f"{rule} {n}" for rule, n in cm["removed_by_rule"].items())
-             + ". Reasons and samples: [curate/CURATION.md](curate/CURATION.md).", "",
-             "## Reward model and the gold rubric", "",
-             f"On fresh built-in rankings, the reward model orders {rm_gold:.1%} of the gold-ordered answer pairs "
-             f"as the rubric does; the simulated annotators it learned from order {annotator_gold:.1%} of them so "
-             f"(their Krippendorff's alpha with each other: {alpha if alpha is None else round(alpha, 3)}).", "",
-             "## PPO, with and without the KL penalty", "",
-             f"{SAMPLES} answers to each of the same {N_QUESTIONS} new questions per model, sampled at temperature "
-             f"{rollout_cfg.temperature} as in training. Gold reward: 1.5 right / 0.5 wrong, +0.3 polite, -0.3 rude, "
-             "-0.1 padded, 0 for text that is no answer. KL: mean over answers of log pi - log ref.", "",
-             "| model | gold reward | reward-model score | KL | right | polite | rude | padded | not an answer |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r.gold:.3f} | {r.reward_model:.3f} | {r.kl:.2f} | {r.right:.0%} | {r.polite:.0%} | "
-              f"{r.rude:.0%} | {r.padded:.0%} | {r.malformed:.0%} |" for name, r in readings.items()]
-    ppo_rows = _metrics(root / "ppo")
-    if p.kl_target is not None:
-        lines += ["", f"Adaptive KL controller: target {p.kl_target} nats per answer; over the last 10 PPO steps the "
-                  f"rollouts' KL averaged {_mean_of_last(ppo_rows, 'kl'):.2f} with coefficient "
-                  f"{_mean_of_last(ppo_rows, 'kl_coef'):.3f}."]
-    lines += ["", "## Curves", ""] + _figures(root)
+             f"{rmm['final_eval_accuracy']:.1%} |"]
+    before = readings["sft"]
+    lines += [f"| {ROUTE_LABELS[route]} | gold reward / KL to the SFT model | {before.gold:.3f} → {r.gold:.3f} / "
+              f"{r.kl:.2f} |" for route, r in readings.items() if route != "sft"]
+    lines += ["", "## Curation", "",
+              "Documents removed, by the first rule (in order) that removed them: "
+              + ", ".join(f"{rule} {n}" for rule, n in cm["removed_by_rule"].items())
+              + ". Reasons and samples: [curate/CURATION.md](curate/CURATION.md).", "",
+              "## Reward model and the gold rubric", "",
+              f"On fresh built-in rankings, the reward model orders {rm_gold:.1%} of the gold-ordered answer pairs "
+              f"as the rubric does; the simulated annotators it learned from order {annotator_gold:.1%} of them so "
+              f"(their Krippendorff's alpha with each other: {alpha if alpha is None else round(alpha, 3)}).", ""]
+    lines += _route_lines(root, cfg, readings)
+    lines += ["", "## Curves", ""] + _figures(root, cfg, readings)
     text = "\n".join(lines) + "\n"
     (root / "REPORT.md").write_text(text)
     return text

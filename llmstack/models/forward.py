@@ -68,3 +68,16 @@ def token_values(value_model, prompt_ids_BP, prompt_mask_BP, response_ids_BR, re
     start = prompt_ids_BP.shape[1] - 1
     hidden = out.hidden_states[-1][:, start:start + response_ids_BR.shape[1]]
     return at_least_fp32(apply_head(score_head(value_model), hidden).squeeze(-1))
+
+
+def logprobs_at(model, rows_M: torch.Tensor, positions_M: torch.Tensor, targets_M: torch.Tensor,
+                kernels: KernelPlan, **inputs) -> torch.Tensor:
+    """log p(targets_M[m]) [M] predicted at position `positions_M[m]` of row `rows_M[m]`, from one forward
+    pass over `inputs` (any attention layout: shared-prompt rows score several responses at once), in fp32.
+    Only the M chosen positions go through the head."""
+    if kernels.path != "reference":
+        hidden = final_hidden_states(model, **inputs, use_cache=False)[rows_M, positions_M]
+        return through_head(model, lambda weight, bias, h, t: linear_logprobs(
+            h, weight, t, bias, with_entropy=False, kernels=kernels)[0], hidden, targets_M)
+    logits = model(**inputs, use_cache=False).logits[rows_M, positions_M].float()
+    return F.log_softmax(logits, dim=-1).gather(-1, targets_M[:, None]).squeeze(-1)

@@ -22,7 +22,8 @@ class Experience:
     logp: torch.Tensor | None = None  # [B, R] under the policy at rollout time (the "old" policy)
     ref_logp: torch.Tensor | None = None  # [B, R] under the reference
     values: torch.Tensor | None = None  # [B, R] the critic's, where there is one
-    raw_scores: torch.Tensor | None = None  # [B] as the reward sources gave them
+    raw_scores: torch.Tensor | None = None  # [B] the reward sources' weighted sum
+    source_scores: dict | None = None  # name -> [B] each reward source's own scores
     scores: torch.Tensor | None = None  # [B] after normalisation, the missing-EOS penalty and clipping
     kl: torch.Tensor | None = None  # [B, R] per-token KL estimate, 0 on padding
     advantages: torch.Tensor | None = None  # [B, R]

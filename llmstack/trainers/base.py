@@ -120,11 +120,23 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int, min_l
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
+def effective_warmup(warmup_steps: int, max_steps: int, schedule: str) -> int:
+    """The warm-up a run takes: as asked, unless it would leave a decaying schedule no room (a config sized
+    for a long run, shortened with train.max_steps=...), where a tenth of the run warms up instead."""
+    if schedule == "constant" or warmup_steps < max_steps:
+        return warmup_steps
+    shorter = max_steps // 10
+    log.warning(f"train.warmup_steps={warmup_steps} would leave no {schedule} decay within train.max_steps="
+                f"{max_steps}; warming up for {shorter} steps instead")
+    return shorter
+
+
 def build_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float):
     """A LambdaLR stepped once per optimiser update (never through accelerate, which would step it once per
     process and so run the schedule N times too fast)."""
+    warmup = effective_warmup(warmup_steps, max_steps, schedule)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, schedule, warmup_steps, max_steps, min_lr_ratio))
+        optimizer, lambda step: lr_factor(step, schedule, warmup, max_steps, min_lr_ratio))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,9 +259,10 @@ class StopOnSignal:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
 
-    def requested(self, accelerator: Accelerator) -> bool:
-        """True on every process as soon as any process received a signal."""
-        flag = torch.tensor(0 if self.signum is None else 1, device=accelerator.device)
+    def requested(self, accelerator: Accelerator, asked: bool = False) -> tuple[bool, bool]:
+        """(whether any process received a signal, whether any process `asked` to stop), the same on every
+        process: one reduction answers both."""
+        flags = torch.tensor([self.signum is not None, asked], dtype=torch.long, device=accelerator.device)
         if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, "sum")
-        return bool(flag.item())
+            flags = accelerator.reduce(flags, "sum")
+        return bool(flags[0]), bool(flags[1])

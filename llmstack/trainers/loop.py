@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from llmstack.trainers.base import NonFiniteLossError, StopOnSignal, log
-from llmstack.trainers.run import Run
+from llmstack.trainers.callbacks import RunInfo
+from llmstack.trainers.run import COMPLETED, Run
 from llmstack.tracking.progress import Progress
 
 
@@ -40,34 +41,45 @@ class LoopState:
 
 @dataclass
 class LoopResult:
-    status: str  # "finished" or "interrupted"
+    status: str  # "finished", "stopped" (a callback asked) or "interrupted" (a signal)
     state: LoopState
     signum: int | None = None
     model: torch.nn.Module | None = None  # the trained model, unwrapped from DDP/FSDP, on every process
+    reason: str | None = None  # why a callback stopped the run
+
+    @property
+    def completed(self) -> bool:
+        """The run ended with a saved model/: it finished, or a callback stopped it."""
+        return self.status in COMPLETED
 
 
 @dataclass
 class StepReport:
-    """What one step hands the loop tail: the metrics row to log at this step (empty: nothing this step) and
-    the values for the progress line."""
+    """What one step hands the loop tail: the metrics row to log at this step (empty: nothing this step), the
+    values for the progress line, and the held-out measures when the step evaluated."""
 
     row: dict = field(default_factory=dict)
     progress: dict = field(default_factory=dict)
+    evaluated: dict | None = None
 
 
 def run_loop(run: Run, state: LoopState, step: Callable[[LoopState], StepReport],
              extra_state: Callable[[], dict]) -> LoopResult:
     """Call `step` until `train.max_steps`; each call advances `state.step` by one.
 
-    Returns "interrupted" after SIGTERM/SIGINT (a checkpoint was written at the end of that step) and
-    "finished" otherwise. A non-finite loss raises NonFiniteLossError: the update was not applied, the
-    record says the run failed and why, and the message names the last good checkpoint and what to change.
+    Returns "interrupted" after SIGTERM/SIGINT and "stopped" when a callback asked (a checkpoint was written
+    at the end of that step either way), "finished" otherwise. A non-finite loss raises NonFiniteLossError:
+    the update was not applied, the record says the run failed and why, and the message names the last good
+    checkpoint and what to change.
     """
     acc, train = run.accelerator, run.cfg.train
     progress = Progress(train.max_steps, state.step, acc.is_main_process, desc=run.stage)
+    run.callbacks("on_train_begin", RunInfo(run.stage, run.dir, state.step, train.max_steps, acc.num_processes,
+                                            acc.is_main_process))
 
     def save() -> None:
-        run.checkpointer.save(state.step, {**state.state_dict(), **extra_state()})
+        path = run.checkpointer.save(state.step, {**state.state_dict(), **extra_state()})
+        run.callbacks("on_save", state.step, path)
 
     try:
         with StopOnSignal() as stop:
@@ -76,9 +88,15 @@ def run_loop(run: Run, state: LoopState, step: Callable[[LoopState], StepReport]
                 if report.row:
                     run.metrics.log(state.step, report.row)
                 progress.update(state.step, **report.progress)
-                if stop.requested(acc):
+                reason = run.callbacks("on_step_end", state.step, report.row or {"loss": state.last_loss})
+                if report.evaluated is not None:
+                    reason = run.callbacks("on_evaluate", state.step, report.evaluated) or reason
+                signalled, asked = stop.requested(acc, asked=reason is not None)
+                if signalled or asked:
                     save()
-                    return LoopResult("interrupted", state, stop.signum or 15)
+                    if signalled:
+                        return LoopResult("interrupted", state, stop.signum or 15)
+                    return LoopResult("stopped", state, reason=reason or "a callback on another process")
                 if state.step % train.save_every == 0 or state.step == train.max_steps:
                     save()
     except NonFiniteLossError as err:

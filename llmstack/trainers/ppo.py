@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
-from llmstack.config import PPOConfig
+from llmstack.config import ConfigError, PPOConfig
 from llmstack.data import batching
 from llmstack.data.chat import ensure_chat_template
 from llmstack.data.formats import ChatFields
-from llmstack.data.prompts import PromptRows, left_padded, load_conversations
+from llmstack.data.prompts import PromptRows, left_padded, load_prompt_set
 from llmstack.data.text import pack_corpus
 from llmstack.models import causal_lm
 from llmstack.models.engines import build_engine
 from llmstack.models.fused import apply_kernels
 from llmstack.models.lora import prepare_for_training
 from llmstack.models.reward_model import RewardModelScores, load_reward_model, statistics
+from llmstack.rl.estimators import ESTIMATORS, check_group_size
 from llmstack.rl.kl import AdaptiveKLController, FixedKLController
+from llmstack.rl.reward_functions import FunctionReward, reward_function
 from llmstack.rl.rewards import RewardInputs, RewardNormaliser, import_callable
 from llmstack.rl.rollout import SamplingSettings
 from llmstack.trainers import distributed
@@ -36,36 +39,63 @@ from llmstack.tracking.record import find_parent
 
 
 def build_models(cfg: PPOConfig, tokenizer) -> tuple[RLModels, object]:
-    """(the policy, reference and value model; the reward model), loaded and not yet placed."""
+    """(the policy, reference and, for a critic, the value model; the reward model or None), loaded and not
+    yet placed. The value model starts from `value_model.name_or_path`, else the reward model."""
     m = cfg.model
     policy = causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code))
     # Under LoRA the reference is the policy with its adapter switched off: no second copy of the weights
     reference = None if cfg.lora.enabled else \
         causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)).eval()
     policy = prepare_for_training(policy, cfg.lora, gradient_checkpointing=False)
-    reward_model = causal_lm.no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed)).eval()
-    value_path = cfg.value_model.name_or_path or cfg.reward_model.name_or_path
-    value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed))
+    reward_model = None
+    if cfg.reward_model.name_or_path:
+        reward_model = causal_lm.no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed))
+    value = None
+    if ESTIMATORS[cfg.ppo.estimator].needs_critic:
+        value_path = cfg.value_model.name_or_path or cfg.reward_model.name_or_path
+        value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed))
     for frozen in (reference, reward_model):
         if frozen is not None:
-            frozen.requires_grad_(False)
+            frozen.requires_grad_(False).eval()
     return RLModels(policy, reference, value), reward_model
 
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[PromptRows, list]:
-    """The prompt set as left-padded rows, and its prompts (text or conversations; row `i` is prompt `i`)."""
+def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[PromptRows, list, dict[str, list]]:
+    """The prompt set as left-padded rows, its prompts (text or conversations; row `i` is prompt `i`), and
+    the prompt records' other fields by name (what reward functions receive)."""
     d = cfg.data
-    prompts = load_conversations(d.train, ChatFields(messages=d.messages_field, prompt=d.prompt_field), cfg.seed)
-    return left_padded(tokenizer, prompts, d.max_prompt_length), prompts
+    prompts, columns = load_prompt_set(d.train, ChatFields(messages=d.messages_field, prompt=d.prompt_field),
+                                       cfg.seed)
+    return left_padded(tokenizer, prompts, d.max_prompt_length), prompts, columns
 
 
 def settings_of(cfg: PPOConfig) -> tuple[SamplingSettings, ScoreSettings, UpdateSettings]:
     r, p, train = cfg.rollout, cfg.ppo, cfg.train
     return (SamplingSettings(r.max_new_tokens, r.temperature, r.top_p),
-            ScoreSettings("gae", r.temperature, p.kl_estimator, p.kl_in == "reward", p.missing_eos_penalty, p.reward_clip,
-                          p.gamma, p.lam, p.whiten_advantages),
+            ScoreSettings(p.estimator, r.temperature, p.kl_estimator, p.kl_in == "reward", p.missing_eos_penalty,
+                          p.reward_clip, p.gamma, p.lam, p.whiten_advantages, r.samples_per_prompt, p.scale_by_std),
             UpdateSettings(p.epochs, train.batch_size, p.clip, p.value_clip, r.temperature, p.kl_estimator,
-                           p.kl_in == "loss", train.max_grad_norm, cfg.seed, p.ptx_coef))
+                           p.kl_in == "loss", train.max_grad_norm, cfg.seed, p.ptx_coef, p.loss_aggregation,
+                           r.max_new_tokens))
+
+
+def reward_sources(cfg: PPOConfig, reward_model, functions: dict[str, Callable]) -> list[tuple[object, float]]:
+    """(source, weight) pairs: the reward model first (when set), then `reward_funcs` in order, then the
+    function objects given in Python (by name)."""
+    sources = [RewardModelScores(reward_model)] if reward_model is not None else []
+    sources += [reward_function(spec, cfg.rollout.max_new_tokens) for spec in cfg.reward_funcs]
+    sources += [FunctionReward(fn, name) for name, fn in functions.items()]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two reward sources share a name ({names}); each is logged by its name, so name them "
+                          "apart")
+    if not sources:
+        raise ConfigError("no reward source: set 'reward_model.name_or_path' or 'reward_funcs', or pass reward "
+                          "functions")
+    if cfg.reward_weights and len(cfg.reward_weights) != len(sources):
+        raise ConfigError(f"config key 'reward_weights' has {len(cfg.reward_weights)} weights for {len(sources)} "
+                          "reward sources (the reward model first, then reward_funcs); give one per source or none")
+    return list(zip(sources, cfg.reward_weights or [1.0] * len(sources)))
 
 
 @dataclass
@@ -75,6 +105,7 @@ class PPOSetup:
     tokenizer: object
     prompt_rows: PromptRows
     conversations: list
+    columns: dict
     prompts: batching.ShuffledBatches
     models: RLModels
     sources: list
@@ -99,20 +130,28 @@ class PPOSetup:
             self.ptx.load_state_dict(saved["ptx"])
 
 
-def setup(run: Run, cfg: PPOConfig) -> PPOSetup:
-    """Tokenizer, prompts, the four models placed for the layout, engine, optimisers, KL controller."""
+def setup(run: Run, cfg: PPOConfig, functions: dict[str, Callable]) -> PPOSetup:
+    """Tokenizer, prompts, the models placed for the layout, reward sources, engine, optimisers, KL
+    controller."""
     acc, p, train = run.accelerator, cfg.ppo, cfg.train
+    try:
+        check_group_size(p.estimator, cfg.rollout.samples_per_prompt, cfg.rollout.samples_per_prompt)
+    except ValueError as err:
+        raise ConfigError(f"config keys 'ppo.estimator' and 'rollout.samples_per_prompt': {err}") from err
     tokenizer = causal_lm.load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     ensure_chat_template(tokenizer)
-    rows, conversations = load_prompts(cfg, tokenizer)
+    rows, conversations, columns = load_prompts(cfg, tokenizer)
     prompts = batching.ShuffledBatches(rows, cfg.rollout.batch_size, acc.process_index, acc.num_processes, cfg.seed)
     models, reward_model = build_models(cfg, tokenizer)
     kernels = [apply_kernels(m, cfg.kernels, acc.device) for m in (models.policy, models.reference) if m is not None][0]
-    optimizers = [build_optimizer(models.policy, train.lr, train.adam_betas, train.weight_decay),
-                  build_optimizer(models.value, p.value_lr, train.adam_betas, train.weight_decay)]
     # one model per prepare: DeepSpeed builds an engine per model, FSDP2 shards one model at a time
-    models.policy, optimizers[0] = acc.prepare(models.policy, optimizers[0])
-    models.value, optimizers[1] = acc.prepare(models.value, optimizers[1])
+    models.policy, policy_optimizer = acc.prepare(
+        models.policy, build_optimizer(models.policy, train.lr, train.adam_betas, train.weight_decay))
+    optimizers = [policy_optimizer]
+    if models.value is not None:
+        models.value, value_optimizer = acc.prepare(
+            models.value, build_optimizer(models.value, p.value_lr, train.adam_betas, train.weight_decay))
+        optimizers.append(value_optimizer)
     # on the prepared optimisers, which under ZeRO offload are DeepSpeed's CPU Adam (see stage.py)
     schedulers = [build_scheduler(o, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
                   for o in optimizers]
@@ -120,9 +159,12 @@ def setup(run: Run, cfg: PPOConfig) -> PPOSetup:
         acc.register_for_checkpointing(scheduler)
     if models.reference is not None:
         models.reference = distributed.prepare_frozen(acc, models.reference)
+    # the reward model's stored statistics describe its own scores, so they apply when it is the only source;
     # read before placing: under DeepSpeed the frozen model becomes an engine whose .config is DeepSpeed's
-    normaliser = RewardNormaliser(p.normalize_rewards, statistics(reward_model))
-    reward_model = distributed.prepare_frozen(acc, reward_model)
+    only_model = reward_model is not None and not cfg.reward_funcs and not functions
+    normaliser = RewardNormaliser(p.normalize_rewards, statistics(reward_model) if only_model else None)
+    if reward_model is not None:
+        reward_model = distributed.prepare_frozen(acc, reward_model)
     kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else FixedKLController(p.kl_coef))
     engine = build_engine(cfg.rollout.engine, settings_of(cfg)[0], tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -131,7 +173,7 @@ def setup(run: Run, cfg: PPOConfig) -> PPOSetup:
         blocks, _ = pack_corpus(cfg.data.ptx, tokenizer, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                                 0.0, cfg.seed)
         ptx = batching.ShuffledBatches(blocks, train.batch_size, acc.process_index, acc.num_processes, cfg.seed)
-    return PPOSetup(tokenizer, rows, conversations, prompts, models, [(RewardModelScores(reward_model), 1.0)],
+    return PPOSetup(tokenizer, rows, conversations, columns, prompts, models, reward_sources(cfg, reward_model, functions),
                     normaliser, engine, kernels, optimizers, schedulers, kl_ctl, ptx)
 
 
@@ -147,16 +189,19 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
 
     def step(state: LoopState) -> StepReport:
         timer = time.perf_counter()
-        exp = generate(acc, s.engine, s.models.policy, next(batches), cfg.seed, state.step)
+        exp = generate(acc, s.engine, s.models.policy, next(batches), cfg.seed, state.step,
+                       cfg.rollout.samples_per_prompt)
         t_gen = time.perf_counter()
-        inputs = RewardInputs(exp, [s.conversations[int(i)] for i in exp.index], decode)
+        rows = [int(i) for i in exp.index]
+        inputs = RewardInputs(exp, [s.conversations[i] for i in rows], decode,
+                              {name: [values[i] for i in rows] for name, values in s.columns.items()})
         exp = score(acc, exp, s.models, inputs, s.sources, s.normaliser, s.kl_ctl.coef, score_settings, s.kernels.plan)
         t_score = time.perf_counter()
         stats = update(acc, exp, s.models, s.optimizers, s.schedulers, s.kl_ctl.coef, update_settings, state.step,
                        s.kernels.plan, ptx_batches)
         t_update = time.perf_counter()
         rollout = rollout_metrics(acc, exp, inputs, s.kl_ctl.coef, metrics)
-        s.kl_ctl.update(rollout["kl"], cfg.rollout.batch_size * acc.num_processes)
+        s.kl_ctl.update(rollout["kl"], len(exp) * acc.num_processes)
         state.step += 1
         state.last_loss = stats["loss"]
         row = {}
@@ -172,30 +217,38 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
     return step
 
 
-def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None) -> LoopResult | None:
-    """Train (or resume) a policy with PPO; returns None when the run directory was already finished.
-    `metrics` (name -> f(prompts, completions) -> one value per response) are logged at every step, beside
-    the functions named in `cfg.metrics`."""
+def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
+        reward_funcs: dict[str, Callable] | None = None, callbacks=()) -> LoopResult | None:
+    """Train (or resume) a policy with the RL loop (PPO, GRPO, RLOO, REINFORCE++ by `ppo.estimator`); returns
+    None when the run directory was already finished. `metrics` (name -> f(prompts, completions) -> one value
+    per response) are logged at every step, beside the functions named in `cfg.metrics`; `reward_funcs`
+    (name -> f(prompts, completions, **columns) -> one value per completion) are reward sources beside those
+    the config names."""
     metrics = {**{path.rpartition(":")[2]: import_callable(path, "metrics") for path in cfg.metrics}, **(metrics or {})}
-    run = open_run(cfg, "ppo")
+    run = open_run(cfg, "ppo" if cfg.ppo.estimator == "gae" else cfg.ppo.estimator, callbacks)
     if run.finished:
         return None
     acc = run.accelerator
     if cfg.lora.enabled and distributed.is_sharded(acc):
         raise ValueError(f"ppo: lora.enabled is not supported under the {distributed.layout(acc)} layout; LoRA's "
                          "trainable weights are small, so launch it with DDP or DeepSpeed ZeRO-2 instead")
-    s = setup(run, cfg)
+    s = setup(run, cfg, reward_funcs or {})
     state = resume(run, s.restore) or LoopState()
     if run.record is not None:
         run.record.update(parent=find_parent(cfg.model.name_or_path), inputs={"prompts": {"spec": cfg.data.train},
                           "reward_model": find_parent(cfg.reward_model.name_or_path)},
                           data={"prompts": len(s.prompt_rows)}, resumed_from_step=state.step or None,
-                          kernels=s.kernels.summary())
+                          kernels=s.kernels.summary(),
+                          algorithm={"estimator": cfg.ppo.estimator, "critic": s.models.value is not None,
+                                     "samples_per_prompt": cfg.rollout.samples_per_prompt,
+                                     "loss_aggregation": cfg.ppo.loss_aggregation, "kl_in": cfg.ppo.kl_in,
+                                     "kl_estimator": cfg.ppo.kl_estimator},
+                          reward_sources=[{"name": source.name, "weight": weight} for source, weight in s.sources])
         run.record.save()
     log.info(f"ppo: {len(s.prompt_rows)} prompts; {cfg.rollout.batch_size} per process x {acc.num_processes} "
              f"processes per step, {cfg.ppo.epochs} epochs of minibatches of {cfg.train.batch_size}")
     result = run_loop(run, state, ppo_step(run, cfg, s, metrics), s.checkpoint_state)
-    if result.status == "finished":
+    if result.completed and s.models.value is not None:
         value_state = acc.get_state_dict(s.models.value)  # every process takes part: sharded layouts gather it
         if acc.is_main_process:
             causal_lm.save_model(acc.unwrap_model(s.models.value), s.tokenizer, run.dir / "value_model",
@@ -203,5 +256,5 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None) -> LoopResul
     summary = {"steps": state.step, **{f"final_{k}": v for k, v in state.last_eval.items()},
                "final_kl_coef": s.kl_ctl.coef}
     result.model = close_run(run, s.models.policy, s.tokenizer, result.status, summary,
-                             merge_adapters=cfg.lora.enabled and cfg.lora.merge)
+                             merge_adapters=cfg.lora.enabled and cfg.lora.merge, reason=result.reason)
     return result

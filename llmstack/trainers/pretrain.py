@@ -93,9 +93,9 @@ def prepare_model(cfg: PretrainConfig, tokenizer):
     return model
 
 
-def pretrain(cfg: PretrainConfig) -> LoopResult | None:
+def pretrain(cfg: PretrainConfig, callbacks=()) -> LoopResult | None:
     """Train (or resume) a causal LM as configured; returns None when the run directory was already finished."""
-    run = open_run(cfg, "pretrain")
+    run = open_run(cfg, "pretrain", callbacks)
     if run.finished:
         return None
     acc = run.accelerator

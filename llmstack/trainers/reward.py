@@ -15,8 +15,7 @@ from llmstack.config import RewardConfig
 from llmstack.data import batching, sources
 from llmstack.data.agreement import annotator_statistics, format_table
 from llmstack.data.chat import ensure_chat_template
-from llmstack.data.preference import IMPORTERS, PAD_SEGMENT, build_preference_rows, shared_prompt_mask
-from llmstack.data.text import is_held_out
+from llmstack.data.preference import PAD_SEGMENT, build_preference_rows, load_groups, shared_prompt_mask
 from llmstack.evaluation.heldout import preference_metrics, score_statistics
 from llmstack.losses import ranking_loss_sum
 from llmstack.models import causal_lm
@@ -46,26 +45,15 @@ def reward_objective(use_margins: bool, center_coef: float) -> SupervisedObjecti
                                count_tokens=lambda b: int((b["segment_ids"] != PAD_SEGMENT).sum()))
 
 
-def load_groups(cfg: RewardConfig) -> tuple[list, list]:
-    read = IMPORTERS[cfg.data.format]
-    groups = list(read(cfg.data.train))
-    if cfg.data.eval:
-        return groups, list(read(cfg.data.eval))
-    train, held_out = [], []
-    for index, group in enumerate(groups):
-        (held_out if is_held_out(index, cfg.data.eval_fraction, cfg.seed) else train).append(group)
-    return train, held_out
-
-
-def reward(cfg: RewardConfig) -> LoopResult | None:
+def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
     """Train (or resume) a reward model as configured; returns None when the run was already finished."""
-    run = open_run(cfg, "reward")
+    run = open_run(cfg, "reward", callbacks)
     if run.finished:
         return None
     acc, d, m = run.accelerator, cfg.data, cfg.model
     tokenizer = causal_lm.load_tokenizer(m.tokenizer or m.name_or_path, None, m.trust_remote_code)
     ensure_chat_template(tokenizer)
-    train_groups, held_groups = load_groups(cfg)
+    train_groups, held_groups = load_groups(d.train, d.eval, d.format, d.eval_fraction, cfg.seed)
     agreement = annotator_statistics(train_groups + held_groups)
     if agreement["annotators"]:
         log.info("reward: annotators\n" + format_table(agreement))

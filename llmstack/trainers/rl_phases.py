@@ -18,10 +18,11 @@ from typing import Callable
 import torch
 
 from llmstack.kernels import KernelPlan
-from llmstack.losses import count_targets, ppo_policy_loss_sum, value_loss_sum
+from llmstack.losses import count_targets, ppo_policy_loss_tokens, value_loss_sum
 from llmstack.models.forward import lm_loss_sum, token_logprobs, token_values
 from llmstack.models.lora import adapters_disabled
 from llmstack.rl.advantages import masked_mean_var
+from llmstack.rl.aggregation import aggregate, global_counts
 from llmstack.rl.estimators import ESTIMATORS, EstimatorSettings
 from llmstack.rl.experience import Experience
 from llmstack.rl.kl import KL_ESTIMATORS
@@ -51,12 +52,14 @@ class ScoreSettings:
     estimator: str  # the advantage estimator's name in llmstack.rl.estimators.ESTIMATORS
     temperature: float  # the sampling temperature, at which log-probabilities are recomputed
     kl_estimator: str  # k1 | k2 | k3 (llmstack.rl.kl)
-    kl_in_reward: bool  # the KL penalty goes into the per-token reward (else it is a loss term)
+    kl_in_reward: bool  # the KL penalty goes into the reward (else it is a loss term)
     missing_eos_penalty: float | None
     reward_clip: float | None
     gamma: float
     lam: float
     whiten_advantages: bool
+    group_size: int = 1  # answers per prompt, consecutive rows
+    scale_by_std: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,16 +74,22 @@ class UpdateSettings:
     max_grad_norm: float
     seed: int
     ptx_coef: float = 0.0
+    loss_aggregation: str = "token_mean"  # llmstack.rl.aggregation's modes
+    max_new_tokens: int = 1  # the rollout's limit, Dr. GRPO's constant
 
 
-def generate(acc, engine: RolloutEngine, policy, prompts: dict, seed: int, step: int) -> Experience:
-    """Sample responses, each from its own seed (run seed, step, prompt index), so the rollout is the same on
-    any number of processes. Under ZeRO-3 or FSDP the policy's parameters are gathered once for the whole
-    rollout, not once per generated token."""
-    prompt_ids, prompt_mask = prompts["input_ids"].to(acc.device), prompts["attention_mask"].to(acc.device)
+def generate(acc, engine: RolloutEngine, policy, prompts: dict, seed: int, step: int,
+             group_size: int = 1) -> Experience:
+    """Sample `group_size` responses per prompt (a group: consecutive rows), each from its own seed (run
+    seed, step, sample id), so the rollout is the same on any number of processes. Under ZeRO-3 or FSDP the
+    policy's parameters are gathered once for the whole rollout, not once per generated token."""
+    prompt_ids = prompts["input_ids"].repeat_interleave(group_size, 0).to(acc.device)
+    prompt_mask = prompts["attention_mask"].repeat_interleave(group_size, 0).to(acc.device)
+    index = prompts["index"].repeat_interleave(group_size, 0)
+    sample_ids = index * group_size + torch.arange(group_size).repeat(len(prompts["index"]))
     with distributed.full_model(acc, policy) as model:
         engine.load_weights(model)
-        return rollout(engine, prompt_ids, prompt_mask, prompts["index"], row_seeds(seed, step, prompts["index"]))
+        return rollout(engine, prompt_ids, prompt_mask, index, row_seeds(seed, step, sample_ids))
 
 
 @torch.no_grad()
@@ -95,8 +104,9 @@ def score(acc, exp: Experience, models: RLModels, inputs: RewardInputs, sources:
             exp.ref_logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
     else:
         exp.ref_logp, _ = token_logprobs(models.reference, *exp.response_args(), s.temperature, kernels)
-    exp.values = token_values(models.value, *exp.response_args()) * exp.mask
-    exp.raw_scores, _ = combined(sources, inputs)
+    if models.value is not None:
+        exp.values = token_values(models.value, *exp.response_args()) * exp.mask
+    exp.raw_scores, exp.source_scores = combined(sources, inputs)
     scores = normaliser(exp.raw_scores.clone(), acc.gather)
     if s.missing_eos_penalty is not None:
         scores = scores - s.missing_eos_penalty * (~exp.ended).float()
@@ -104,8 +114,8 @@ def score(acc, exp: Experience, models: RLModels, inputs: RewardInputs, sources:
         scores = scores.clamp(-s.reward_clip, s.reward_clip)
     exp.scores = scores
     exp.kl = KL_ESTIMATORS[s.kl_estimator](exp.logp, exp.ref_logp) * exp.mask
-    estimate = EstimatorSettings(kl_coef=kl_coef if s.kl_in_reward else 0.0, gamma=s.gamma, lam=s.lam,
-                                 whiten=s.whiten_advantages)
+    estimate = EstimatorSettings(group_size=s.group_size, kl_coef=kl_coef if s.kl_in_reward else 0.0, gamma=s.gamma,
+                                 lam=s.lam, scale_by_std=s.scale_by_std, whiten=s.whiten_advantages)
     exp.advantages, exp.returns = ESTIMATORS[s.estimator].fn(scores, exp.kl, exp.mask, exp.values, estimate,
                                                              lambda t: acc.reduce(t, "sum"))
     return exp
@@ -120,81 +130,94 @@ def ptx_loss(acc, policy, ptx_batches, coef: float, kernels: KernelPlan) -> tupl
     return coef * loss_sum * acc.num_processes / n_tokens, acc.reduce(loss_sum.detach().double(), "sum") / n_tokens
 
 
-def _minibatch_losses(acc, exp: Experience, idx, models: RLModels, kl_coef: float, s: UpdateSettings,
-                      kernels: KernelPlan):
-    """(policy loss sum, value loss sum, the policy loss's statistics, entropy [b, R]) of rows `idx`."""
+def _policy_loss(acc, exp: Experience, idx, models: RLModels, kl_coef: float, s: UpdateSettings,
+                 kernels: KernelPlan):
+    """(this process's share of the minibatch's global policy loss, its statistics, entropy [b, R])."""
     mask = exp.mask[idx]
     logp, entropy = token_logprobs(models.policy, *exp.response_args(idx), s.temperature, kernels,
                                    with_entropy=True)
-    policy_loss, stats = ppo_policy_loss_sum(logp, exp.logp[idx], exp.advantages[idx], mask, s.clip)
+    loss_bR, stats = ppo_policy_loss_tokens(logp, exp.logp[idx], exp.advantages[idx], mask, s.clip)
     if s.kl_in_loss:
-        policy_loss = policy_loss + kl_coef * (KL_ESTIMATORS[s.kl_estimator](logp, exp.ref_logp[idx]) * mask).sum()
-    values = token_values(models.value, *exp.response_args(idx))
-    v_loss = value_loss_sum(values, exp.values[idx], exp.returns[idx], mask, s.value_clip)
-    return policy_loss, v_loss, stats, entropy
+        loss_bR = loss_bR + kl_coef * KL_ESTIMATORS[s.kl_estimator](logp, exp.ref_logp[idx]) * mask
+    counts = global_counts(mask, s.max_new_tokens, lambda t: acc.reduce(t, "sum"))
+    return aggregate(loss_bR, mask, s.loss_aggregation, counts), stats, entropy
+
+
+def _value_share(acc, exp: Experience, idx, value, clip: float) -> torch.Tensor:
+    """This process's share of the minibatch's global token-mean clipped value loss."""
+    mask = exp.mask[idx]
+    n_tokens = acc.reduce(mask.sum().double(), "sum").clamp(min=1)
+    values = token_values(value, *exp.response_args(idx))
+    return value_loss_sum(values, exp.values[idx], exp.returns[idx], mask, clip) / n_tokens
 
 
 def update(acc, exp: Experience, models: RLModels, optimizers, schedulers, kl_coef: float, settings: UpdateSettings,
            step: int, kernels: KernelPlan, ptx_batches=None) -> dict:
     """`epochs` passes over the rollout in shuffled minibatches; with PPO-ptx each minibatch's policy gradient
-    also gets `ptx_coef` times a pretraining batch's loss gradient. Returns the step's update metrics."""
+    also gets `ptx_coef` times a pretraining batch's loss gradient; the value model (when there is one) takes
+    a clipped value step on the same minibatch. Returns the step's update metrics."""
     s = settings
-    ptx_total, ptx_count = 0.0, 0
+    ptx_total, n_minibatches = 0.0, 0
     order = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
-    losses = torch.zeros(2, device=acc.device, dtype=torch.float64)  # global sums: policy, value
+    losses = torch.zeros(2, device=acc.device, dtype=torch.float64)  # global values summed over minibatches
     local = torch.zeros(4, device=acc.device, dtype=torch.float64)  # clipped, approx KL, entropy, tokens
+    trained = [m for m in (models.policy, models.value) if m is not None]
     for _ in range(s.epochs):
         for idx in torch.randperm(len(exp), generator=order).split(s.minibatch_size):
             idx = idx.to(acc.device)
             mask = exp.mask[idx]
-            n_tokens = acc.reduce(mask.sum().double(), "sum").clamp(min=1)
-            # DDP averages gradients over processes; scaling by N / global tokens makes it a global token mean
-            scale = acc.num_processes / n_tokens
-            policy_loss, v_loss, stats, entropy = _minibatch_losses(acc, exp, idx, models, kl_coef, s, kernels)
-            global_sums = acc.reduce(torch.stack([policy_loss.detach(), v_loss.detach()]).double(), "sum")
-            if not torch.isfinite(global_sums).all():
-                raise NonFiniteLossError(f"the PPO losses are {(global_sums / n_tokens).tolist()} at step "
-                                         f"{step + 1}; the update was not applied")
-            policy_objective = policy_loss * scale
+            policy_share, stats, entropy = _policy_loss(acc, exp, idx, models, kl_coef, s, kernels)
+            objectives = [policy_share]
+            if models.value is not None:
+                objectives.append(_value_share(acc, exp, idx, models.value, s.value_clip))
+            global_losses = acc.reduce(torch.stack([o.detach().double() for o in objectives]), "sum")
+            if not torch.isfinite(global_losses).all():
+                raise NonFiniteLossError(f"the RL losses are {global_losses.tolist()} at step {step + 1}; the "
+                                         "update was not applied")
             if ptx_batches is not None:
                 ptx_term, ptx_value = ptx_loss(acc, models.policy, ptx_batches, s.ptx_coef, kernels)
-                policy_objective = policy_objective + ptx_term
+                objectives[0] = objectives[0] + ptx_term / acc.num_processes
                 ptx_total += float(ptx_value)
-                ptx_count += 1
-            # one backward per model and minibatch: under DeepSpeed each backward is also that engine's step
-            distributed.backward(acc, models.policy, policy_objective)
-            distributed.backward(acc, models.value, v_loss * scale)
-            for model, optimizer in zip((models.policy, models.value), optimizers):
+            # DDP averages gradients over processes: each process's share x N gives the global loss's gradient.
+            # One backward per model and minibatch: under DeepSpeed each backward is also that engine's step.
+            for model, objective in zip(trained, objectives):
+                distributed.backward(acc, model, objective * acc.num_processes)
+            for model, optimizer in zip(trained, optimizers):
                 if s.max_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses += global_sums
+            losses[:len(objectives)] += global_losses
+            n_minibatches += 1
             local += torch.stack([stats["clipped_tokens"].double(), stats["approx_kl_sum"].double(),
                                   (entropy.detach().double() * mask).sum(), mask.sum().double()])
     for scheduler in schedulers:
         scheduler.step()
     local = acc.reduce(local, "sum")
     tokens = local[3].clamp(min=1)
-    out = {"loss": float(losses[0] / tokens), "value_loss": float(losses[1] / tokens),
-           "clip_fraction": float(local[0] / tokens), "approx_kl": float(local[1] / tokens),
-           "entropy": float(local[2] / tokens)}
-    if ptx_count:
-        out["ptx_loss"] = ptx_total / ptx_count
+    out = {"loss": float(losses[0] / n_minibatches), "clip_fraction": float(local[0] / tokens),
+           "approx_kl": float(local[1] / tokens), "entropy": float(local[2] / tokens)}
+    if models.value is not None:
+        out["value_loss"] = float(losses[1] / n_minibatches)
+    if ptx_batches is not None:
+        out["ptx_loss"] = ptx_total / n_minibatches
     return out
 
 
 def rollout_metrics(acc, exp: Experience, inputs: RewardInputs, kl_coef: float, metrics: dict[str, MetricFn]) -> dict:
-    """The rollout's reward, KL, lengths and the critic's explained variance over all processes, and each
-    extra metric's mean over the decoded responses."""
+    """The rollout's reward (and each reward source's, when there are several), KL, lengths and, with a critic,
+    its explained variance, over all processes; and each extra metric's mean over the decoded responses."""
     gathered = lambda t: acc.gather(t.contiguous()).double()  # noqa: E731
     lengths = gathered(exp.mask.sum(-1))
-    v_mean, v_var = masked_mean_var(exp.returns - exp.values, exp.mask, lambda t: acc.reduce(t, "sum"))
-    r_mean, r_var = masked_mean_var(exp.returns, exp.mask, lambda t: acc.reduce(t, "sum"))
     out = {"reward": float(gathered(exp.raw_scores).mean()), "reward_normalised": float(gathered(exp.scores).mean()),
            "kl": float(gathered(exp.kl.sum(-1)).mean()), "kl_coef": kl_coef,
-           "response_length": float(lengths.mean()), "eos_rate": float(gathered(exp.ended.float()).mean()),
-           "explained_variance": float(1 - v_var / r_var.clamp(min=1e-8))}
+           "response_length": float(lengths.mean()), "eos_rate": float(gathered(exp.ended.float()).mean())}
+    if exp.source_scores and len(exp.source_scores) > 1:
+        out.update({f"reward/{name}": float(gathered(values).mean()) for name, values in exp.source_scores.items()})
+    if exp.values is not None:
+        v_mean, v_var = masked_mean_var(exp.returns - exp.values, exp.mask, lambda t: acc.reduce(t, "sum"))
+        r_mean, r_var = masked_mean_var(exp.returns, exp.mask, lambda t: acc.reduce(t, "sum"))
+        out["explained_variance"] = float(1 - v_var / r_var.clamp(min=1e-8))
     for name, metric in metrics.items():
         values = torch.tensor(metric(inputs.prompts, inputs.completions), device=acc.device, dtype=torch.float64)
         out[name] = float(gathered(values).mean())

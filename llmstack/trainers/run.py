@@ -19,9 +19,14 @@ from llmstack.config import save_config, to_dict
 from llmstack.models.causal_lm import save_model
 from llmstack.models.lora import has_adapters, merged
 from llmstack.trainers.base import Checkpointer, describe_world, log, make_accelerator, setup_logging
+from llmstack.trainers.callbacks import Callbacks, TrackerCallback
 from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
 from llmstack.tracking.record import RunRecord, write_model_card
+
+
+# statuses of a run that ended with a model/: trained to train.max_steps, or stopped early by a callback
+COMPLETED = ("finished", "stopped")
 
 
 @dataclass
@@ -37,10 +42,12 @@ class Run:
     record: RunRecord | None
     finished: bool = False
     energy: EnergyMeter = field(default_factory=EnergyMeter)
+    callbacks: Callbacks = field(default_factory=Callbacks)
 
 
-def open_run(cfg, stage: str) -> Run:
-    """Set up the accelerator and the run directory; a run already finished there is reported, not redone."""
+def open_run(cfg, stage: str, callbacks=()) -> Run:
+    """Set up the accelerator and the run directory; a run already finished there is reported, not redone.
+    `callbacks` (`llmstack.trainers.callbacks.Callback`) are called through the run, after the trackers'."""
     train = cfg.train
     trackers = tracker_names(train.report_to)
     out = Path(cfg.output_dir)
@@ -48,11 +55,13 @@ def open_run(cfg, stage: str) -> Run:
     setup_logging(acc.is_main_process)
     log.info(f"{stage}: {describe_world(acc)}")
     checkpointer = Checkpointer(out, acc, train.keep_last)
-    metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process, acc.log if trackers else None)
-    if finished_record(out) is not None:
-        log.info(f"{stage}: {out} holds a finished run (record.json status 'finished'); nothing to do. "
+    hooks = Callbacks([*([TrackerCallback(acc)] if trackers else []), *callbacks])
+    metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process, lambda row, step: hooks("on_log", step, row))
+    done = finished_record(out)
+    if done is not None:
+        log.info(f"{stage}: {out} holds a completed run (record.json status '{done['status']}'); nothing to do. "
                  f"Use another output_dir to train again.")
-        return Run(cfg, stage, out, acc, checkpointer, metrics, None, finished=True)
+        return Run(cfg, stage, out, acc, checkpointer, metrics, None, finished=True, callbacks=hooks)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         warn_config_changes(out / "config.yaml", to_dict(cfg))
@@ -62,7 +71,7 @@ def open_run(cfg, stage: str) -> Run:
         acc.init_trackers(stage, config=_flat(to_dict(cfg)))
     set_seed(cfg.seed)
     record = RunRecord(out, stage, to_dict(cfg), inputs={}, parent=None) if acc.is_main_process else None
-    run = Run(cfg, stage, out, acc, checkpointer, metrics, record)
+    run = Run(cfg, stage, out, acc, checkpointer, metrics, record, callbacks=hooks)
     run.energy.start()
     return run
 
@@ -72,7 +81,7 @@ def finished_record(run_dir: Path) -> dict | None:
     if not path.is_file() or not (run_dir / "model").is_dir():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("status") == "finished" else None
+    return record if record.get("status") in COMPLETED else None
 
 
 def warn_config_changes(path: Path, new: dict) -> None:
@@ -95,12 +104,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adapters: bool = False):
-    """Save the final model (on success) and the record; every process must call this. Returns the trained
-    model unwrapped from its distributed wrapper (adapters merged when `merge_adapters`)."""
+def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adapters: bool = False,
+              reason: str | None = None):
+    """Save the final model (when the run completed: finished, or stopped by a callback) and the record;
+    every process must call this. Returns the trained model unwrapped from its distributed wrapper (adapters
+    merged when `merge_adapters`)."""
     acc = run.accelerator
     final = acc.unwrap_model(model)
-    if status == "finished":
+    completed = status in COMPLETED
+    if completed:
         if merge_adapters and has_adapters(final):
             final, state_dict = merged(final), None
         else:
@@ -109,14 +121,16 @@ def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adap
             save_model(final, tokenizer, run.dir / "model", state_dict=state_dict)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        run.record.update(metrics=summary, energy=run.energy.stop())
+        run.record.update(metrics=summary, energy=run.energy.stop(), **({"stop_reason": reason} if reason else {}))
         run.record.finish(status)
-        if status == "finished":
+        if completed:
             write_model_card(run.dir, run.record.data)
     # Trackers only: accelerate's end_training would also tear down the process group, which the caller
     # (a pipeline running the next stage, a test comparing ranks) may still need.
     for tracker in acc.trackers:
         tracker.finish()
-    if status == "finished":
-        log.info(f"{run.stage}: done. Model in {run.dir / 'model'}, record in {run.dir / 'record.json'}")
+    run.callbacks("on_train_end", status, summary)
+    if completed:
+        why = f" (stopped: {reason})" if reason else ""
+        log.info(f"{run.stage}: done{why}. Model in {run.dir / 'model'}, record in {run.dir / 'record.json'}")
     return final

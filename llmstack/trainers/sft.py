@@ -74,9 +74,9 @@ def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: i
     return write
 
 
-def sft(cfg: SFTConfig) -> LoopResult | None:
+def sft(cfg: SFTConfig, callbacks=()) -> LoopResult | None:
     """Fine-tune (or resume) as configured; returns None when the run directory was already finished."""
-    run = open_run(cfg, "sft")
+    run = open_run(cfg, "sft", callbacks)
     if run.finished:
         return None
     acc, d, m = run.accelerator, cfg.data, cfg.model

@@ -91,9 +91,9 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
                            peak)
     result = run_loop(run, state, step, lambda: {"data": batches.state_dict()})
     summary = _summary(result.state)
-    if result.status == "finished" and before_save is not None:
+    if result.completed and before_save is not None:
         summary.update(before_save(acc.unwrap_model(model)))
-    result.model = close_run(run, model, tokenizer, result.status, summary, merge_adapters)
-    if result.status == "finished":
+    result.model = close_run(run, model, tokenizer, result.status, summary, merge_adapters, result.reason)
+    if result.completed:
         log.info(f"{run.stage}: held-out {_fmt(state.initial_eval)} before, {_fmt(state.last_eval)} after")
     return result

@@ -107,9 +107,10 @@ def supervised_step(acc: Accelerator, model, optimizer, scheduler, batches, obje
             row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak_flops * acc.num_processes)
             row["tokens_seen"] = state.tokens_seen
             window = Window()
+        evaluated = None
         if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
-            state.last_eval = evaluate(state.step)
+            state.last_eval = evaluated = evaluate(state.step)
             row = {"loss": loss, **row, **state.last_eval}
-        return StepReport(row, {"loss": loss, **{k: row[k] for k in ("tokens_per_s", "mfu") if k in row}})
+        return StepReport(row, {"loss": loss, **{k: row[k] for k in ("tokens_per_s", "mfu") if k in row}}, evaluated)
 
     return step

@@ -41,3 +41,41 @@ def assert_close_sums(got: torch.Tensor, expected: torch.Tensor, n_terms: int) -
     tolerance = 4 * torch.finfo(expected.dtype).eps * n_terms ** 0.5
     scale = float(expected.detach().abs().max())
     torch.testing.assert_close(got, expected.detach(), rtol=0, atol=tolerance * max(scale, 1e-30))
+
+
+def tiny_chat_policy(root) -> tuple:
+    """A fresh llama-1m with a chat-templated byte-level BPE trained on the built-in task's texts, saved as
+    a run's model/ would be; (path, tokenizer)."""
+    from llmstack.data.chat import ensure_chat_template
+    from llmstack.data.synthetic import corpus, instructions, preferences
+    from llmstack.data.text import train_tokenizer
+    from llmstack.models.causal_lm import build_from_preset, save_model
+
+    texts = corpus(200) + [m["content"] for c in instructions(200) for m in c]
+    tokenizer = train_tokenizer(texts + [r for p in preferences(50) for r in p["responses"]], 384)
+    ensure_chat_template(tokenizer)
+    save_model(build_from_preset("llama-1m", tokenizer, 256, seed=0), tokenizer, root / "policy")
+    return root / "policy", tokenizer
+
+
+def metric_rows(run) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def stop_at_step(monkeypatch, step: int) -> None:
+    """Send this process SIGTERM right after `step`'s metrics are logged, as a scheduler would."""
+    import os
+    import signal
+
+    from llmstack.tracking.metrics import MetricsLog
+
+    original = MetricsLog.log
+
+    def log(self, at, row):
+        original(self, at, row)
+        if at == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "log", log)

@@ -114,7 +114,21 @@ def test_sigterm_becomes_a_stop_request_and_handlers_are_restored():
     acc = Accelerator(cpu=True)
     before = signal.getsignal(signal.SIGTERM)
     with StopOnSignal() as stop:
-        assert not stop.requested(acc)
+        assert stop.requested(acc) == (False, False)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested(acc) and stop.signum == signal.SIGTERM
+        assert stop.requested(acc) == (True, False) and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_warmup_that_would_leave_no_decay_becomes_a_tenth_of_the_run(caplog, monkeypatch):
+    import logging
+
+    from llmstack.trainers.base import effective_warmup
+
+    # a run earlier in this process may have set llmstack's logger to print on its own only
+    monkeypatch.setattr(logging.getLogger("llmstack"), "propagate", True)
+
+    assert effective_warmup(30, 100, "cosine") == 30
+    assert effective_warmup(100, 100, "cosine") == 10 and effective_warmup(15, 3, "linear") == 0
+    assert "train.warmup_steps=15 would leave no linear decay within train.max_steps=3" in caplog.text
+    assert effective_warmup(100, 50, "constant") == 100  # a constant schedule has nothing to decay

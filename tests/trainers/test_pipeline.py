@@ -16,12 +16,17 @@ from llmstack.tracking.record import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/tiny/pipeline.yaml"
-MINIMAL = [f"curate.rules.wordlist.path={REPO / 'llmstack/data/blocklist.txt'}", "curate.data.train=synthetic-noisy:200", "pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3",
+MINIMAL = [f"curate.rules.wordlist.path={REPO / 'llmstack/data/blocklist.txt'}", "curate.data.train=synthetic-noisy:200",
+           "pretrain.train.max_steps=30", "pretrain.train.warmup_steps=3",
            "pretrain.data.block_size=64", "pretrain.train.eval_batches=2", "sft.train.max_steps=10",
            "sft.train.warmup_steps=2", "sft.data.train=synthetic:100", "sft.sample_prompts=1",
            "reward.train.max_steps=10", "reward.train.warmup_steps=2", "reward.data.train=synthetic:60",
            "ppo.train.max_steps=4", "ppo.train.log_every=1", "ppo.rollout.batch_size=8", "ppo.train.batch_size=4",
-           "ppo.rollout.max_new_tokens=8", "ppo.data.train=synthetic:32"]
+           "ppo.rollout.max_new_tokens=8", "ppo.data.train=synthetic:32", "grpo.train.max_steps=2",
+           "grpo.rollout.batch_size=2", "grpo.rollout.max_new_tokens=8", "grpo.train.batch_size=4",
+           "grpo.data.train=synthetic:32", "dpo.train.max_steps=4", "dpo.train.warmup_steps=1",
+           "dpo.data.train=synthetic:40", "dpo.train.eval_every=2", "dpo.dpo.kl_prompts=2",
+           "dpo.dpo.kl_max_new_tokens=8"]
 
 
 @pytest.mark.slow
@@ -49,7 +54,8 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
         assert produced.read_text() == text, f"{stage} was run again"
     assert [json.loads(x)["step"] for x in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
-    chain = [("pretrain", "curate"), ("sft", "pretrain"), ("reward", "sft"), ("ppo", "sft"), ("ppo-no-kl", "sft")]
+    chain = [("pretrain", "curate"), ("sft", "pretrain"), ("reward", "sft"), ("ppo", "sft"), ("ppo-no-kl", "sft"),
+             ("grpo", "sft"), ("grpo-gold", "sft"), ("dpo", "sft")]
     for child, parent in chain:
         link = json.loads((tmp_path / child / "record.json").read_text())["parent"]
         assert link["run_dir"] == str((tmp_path / parent).resolve())
@@ -67,8 +73,10 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
     report = (tmp_path / "REPORT.md").read_text()
     assert "held-out perplexity" in report and "KL penalty off" in report and "gold reward" in report
     # the SFT model read against itself: the same weights give log pi - log ref = 0 on every token
-    sft_row = next(line for line in report.splitlines() if line.startswith("| SFT model (before PPO)"))
+    sft_row = next(line for line in report.splitlines() if line.startswith("| SFT model (the start"))
     assert sft_row.split("|")[4].strip() == "0.00"
-    for figure in ("training.png", "ppo.png"):
+    for label in ("GRPO on the reward model", "GRPO on the gold rubric", "DPO on the annotators' rankings"):
+        assert f"| {label} |" in report
+    for figure in ("training.png", "rl.png", "routes.png"):
         assert f"]({figure})" in report
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -54,7 +54,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_unit_first_ratio(tmp_path, 
     policy, reference = load_causal_lm(str(policy_path)), load_causal_lm(str(policy_path)).eval()
     reward_model = load_reward_model(str(rm_path), tokenizer, 0).eval()
     value = load_reward_model(str(rm_path), tokenizer, 0)
-    rows, _ = load_prompts(cfg, tokenizer)
+    rows, _, _ = load_prompts(cfg, tokenizer)
     engine = HFEngine(SamplingSettings(8, 1.0), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
     exp = generate(acc, engine, policy, rows.rows(torch.arange(8)), 0, 0)
@@ -135,7 +135,7 @@ def test_fused_logprobs_match_the_stock_logits_on_left_padded_rollouts(tmp_path,
     questions = ["What is two plus three?", "The owl asks: what is two plus three, and what is one plus one?",
                  "Sum?", "What is nine minus four?"] * 2
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
-    rows, _ = load_prompts(config(tmp_path, models, "x", f"data.train={tmp_path / 'prompts.jsonl'}"), tokenizer)
+    rows, _, _ = load_prompts(config(tmp_path, models, "x", f"data.train={tmp_path / 'prompts.jsonl'}"), tokenizer)
     assert (rows.attention_mask == 0).any(-1).sum() == 6, "six of the eight prompts are left-padded"
     policy = load_causal_lm(str(policy_path))
     engine = HFEngine(SamplingSettings(8, 0.7), tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -44,7 +44,7 @@ def test_reward_rows_and_ppo_rollouts_start_with_the_same_prompt_tokens(tmp_path
     cfg = load_config(PPOConfig, None, ["model.name_or_path=a", "reward_model.name_or_path=b",
                                         f"data.train={write_jsonl(tmp_path / 'prompts.jsonl', records)}",
                                         "data.max_prompt_length=512"])
-    prompts, _ = load_prompts(cfg, tokenizer)
+    prompts, _, _ = load_prompts(cfg, tokenizer)
     for n in range(len(PROMPTS)):
         reward_prompt = rows.input_ids[n][rows.segment_ids[n] == 0].tolist()
         ppo_prompt = prompts.input_ids[n][prompts.attention_mask[n].bool()].tolist()

@@ -123,7 +123,8 @@ def pretrained(tmp_path_factory):
 
 
 FINE_TUNE = {"sft": ["data.train=synthetic:64", "data.max_length=64"],
-             "reward": ["data.train=synthetic:40", "data.max_length=64"]}
+             "reward": ["data.train=synthetic:40", "data.max_length=64"],
+             "dpo": ["data.train=synthetic:40", "data.max_length=64", "dpo.kl_prompts=0"]}
 
 
 def fine_tune_args(pretrained: Path, stage: str) -> list[str]:
@@ -151,7 +152,7 @@ def one_process(pretrained, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, layout", [("sft", "ddp"), ("reward", "ddp"), *[
+@pytest.mark.parametrize("stage, layout", [("sft", "ddp"), ("reward", "ddp"), ("dpo", "ddp"), *[
     pytest.param(s, n, id=f"{s}-{n}", marks=NEEDS_DEEPSPEED) for s, n in (("sft", "zero2"), ("reward", "zero2"),
                                                                           ("sft", "zero3-offload"))]])
 def test_fine_tuning_on_two_processes_matches_one_process(tmp_path, pretrained, one_process, stage, layout):
@@ -208,6 +209,27 @@ def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained, layout):
         assert launch_two("ppo", tmp_path / "split", *args, layout=layout, stop_at=2)["status"] == "interrupted"
         assert launch_two("ppo", tmp_path / "split", *args, layout=layout)["status"] == "finished"
         assert without_timing(metric_rows(tmp_path / "split")) == without_timing(two)
+
+
+GRPO = ["data.train=synthetic:32", "train.max_steps=3", "train.lr=1e-3", "rollout.max_new_tokens=6",
+        "rollout.samples_per_prompt=2", "reward_funcs=[length_penalty]", "train.save_every=3"]
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_matches_one_process(tmp_path, pretrained):
+    """Each process samples whole groups (2 prompts x 2 answers) and takes them as one minibatch; one process
+    takes the same 8 answers at once: every step's metrics agree."""
+    model = f"model.name_or_path={pretrained / 'pre' / 'model'}"
+    launch_two("grpo", tmp_path / "two", model, *GRPO, "rollout.batch_size=2", "train.batch_size=4")
+    config_cls, target = STAGES["grpo"]
+    module, func = target.split(":")
+    getattr(importlib.import_module(module), func)(load_config(config_cls, None, [
+        f"output_dir={tmp_path / 'one'}", model, *GRPO, "rollout.batch_size=4", "train.batch_size=8"]))
+    two, one = metric_rows(tmp_path / "two"), metric_rows(tmp_path / "one")
+    assert len(two) == len(one) == 3
+    for key in ("reward", "kl", "response_length", "loss", "approx_kl", "entropy"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-3, abs=1e-5), key
+    assert one[-1]["kl"] != 0.0, "the policy must have moved for the comparison to mean anything"
 
 
 @pytest.mark.slow

@@ -32,33 +32,35 @@ class HFEngine:
         if self.model is None:
             raise RuntimeError("HFEngine.generate before load_weights: give the engine the policy first")
         model, s = self.model, self.sampling
-        common = dict(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP, max_new_tokens=s.max_new_tokens,
-                      eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True)
+        limits = dict(max_new_tokens=s.max_new_tokens, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                      use_cache=True)
         was_training = model.training
         model.eval()
         try:
             if seeds_B is None:
-                out = model.generate(**common, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+                out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP, **limits, do_sample=True,
+                                     temperature=s.temperature, top_p=s.top_p, top_k=0)
             else:
                 warpers = [TemperatureLogitsWarper(s.temperature)]
                 if s.top_p < 1.0:
                     warpers.append(TopPLogitsWarper(s.top_p))
                 sampling = SeededSampling(seeds_B.to(prompt_ids_BP.device), prompt_ids_BP.shape[1])
                 # greedy decoding over Gumbel-perturbed scores is sampling (the Gumbel-max trick)
-                out = model.generate(**common, do_sample=False,
+                out = model.generate(input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
                                      logits_processor=LogitsProcessorList([*warpers, sampling]),
-                                     generation_config=_plain_greedy(model))
+                                     generation_config=_plain_greedy(model, limits))
         finally:
             model.train(was_training)
         return out[:, prompt_ids_BP.shape[1]:]
 
 
-def _plain_greedy(model) -> GenerationConfig:
-    """The model's generation settings without any sampling parameter: the seeded path supplies its own,
-    and generate() would otherwise add the model's defaults (a top_k of 50, say) in front of them."""
-    return GenerationConfig.from_dict({k: v for k, v in model.generation_config.to_dict().items()
-                                       if k not in ("temperature", "top_p", "top_k", "min_p", "typical_p",
-                                                    "do_sample", "repetition_penalty")})
+def _plain_greedy(model, limits: dict) -> GenerationConfig:
+    """The model's generation settings without any sampling parameter, greedy, with `limits`: the seeded
+    path supplies its own sampling, and generate() would otherwise add the model's defaults (a top_k of 50,
+    say) in front of it."""
+    kept = {k: v for k, v in model.generation_config.to_dict().items()
+            if k not in ("temperature", "top_p", "top_k", "min_p", "typical_p", "do_sample", "repetition_penalty")}
+    return GenerationConfig.from_dict({**kept, **limits, "do_sample": False})
 
 
 class SeededSampling(LogitsProcessor):
