@@ -60,6 +60,11 @@ class CurateResult:
     def documents_out(self) -> int:
         return self.audit["output"]["documents"]
 
+    @property
+    def completed(self) -> bool:
+        """Always true: curation runs to the end or raises (as a training stage's result says)."""
+        return self.status == "finished"
+
 
 def noisy_count(spec: str) -> int | None:
     if spec == NOISY:
