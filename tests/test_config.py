@@ -58,10 +58,18 @@ def test_choice_typo_lists_choices_and_suggests():
 
 
 def test_cross_field_validation():
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        load_config(PretrainConfig, None, ["train.max_steps=10", "train.warmup_steps=10"])
     with pytest.raises(ConfigError, match="adam_betas"):
         load_config(PretrainConfig, None, ["train.adam_betas=[0.9]"])
+
+
+def test_shortening_a_run_clamps_its_warm_up_instead_of_refusing_the_config(caplog):
+    from llmstack.trainers.base import effective_warmup
+
+    cfg = load_config(PretrainConfig, None, ["train.max_steps=10", "train.warmup_steps=10"])
+    with caplog.at_level("WARNING"):
+        assert effective_warmup(cfg.train.warmup_steps, cfg.train.max_steps, "cosine") == 1
+    assert "train.warmup_steps=10" in caplog.text
+    assert effective_warmup(10, 10, "constant") == 10 and effective_warmup(3, 10, "cosine") == 3
 
 
 def test_overrides_apply_over_yaml_and_parse_yaml_scalars(tmp_path):

@@ -54,7 +54,7 @@ def test_clipped_policy_loss_at_chosen_ratios():
     mask = torch.tensor([[1, 1, 1, 0]])
     loss, stats = ppo_policy_loss_tokens(logp, old, adv, mask, clip=0.2)
     # A>0, r=1.5 -> clipped 1.2 -> -1.2; A>0, r=0.5 -> unclipped -0.5 (pessimistic max); A<0, r=1.1 -> 2.2
-    assert loss.tolist() == pytest.approx([[-1.2, -0.5, 2.2, 0.0]])
+    assert loss[0].tolist() == pytest.approx([-1.2, -0.5, 2.2, 0.0])
     assert stats["clipped_tokens"].item() == 1
 
 
