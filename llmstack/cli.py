@@ -27,7 +27,7 @@ STAGES = {
 }
 
 
-def parse_stage_args(stage: str, argv: list[str] | None):
+def stage_parser(stage: str) -> argparse.ArgumentParser:
     config_cls, _ = STAGES[stage]
     parser = argparse.ArgumentParser(
         prog=f"llmstack {stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,16 +35,25 @@ def parse_stage_args(stage: str, argv: list[str] | None):
         epilog="configuration keys (set in the YAML file or as key=value):\n" + "\n".join(describe(config_cls)))
     parser.add_argument("--config", help="YAML file with the run's configuration (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
-    args = parser.parse_args(argv)
-    return load_config(config_cls, args.config, args.overrides)
+    return parser
+
+
+def example_command(stage: str) -> str:
+    """A command that runs `stage` on the built-in tiny task, with the stages it needs before it."""
+    before = {"sft": ["pretrain"], "reward": ["pretrain"], "dpo": ["pretrain", "sft"],
+              "ppo": ["pretrain", "sft", "reward"], "grpo": ["pretrain", "sft", "reward"]}.get(stage, [])
+    after = f" (after {', '.join(f'llmstack {b} --config configs/tiny/{b}.yaml' for b in before)})" if before else ""
+    return f"for example: llmstack {stage} --config configs/tiny/{stage}.yaml{after}"
 
 
 def run_stage(stage: str, argv: list[str] | None = None) -> int:
     """Run one stage and return the process exit code (0 done, 1 failed, 2 bad configuration, 128+N signal)."""
+    args = stage_parser(stage).parse_args(argv)
     try:
-        cfg = parse_stage_args(stage, argv)
+        cfg = load_config(STAGES[stage][0], args.config, args.overrides)
     except ConfigError as err:
-        print(f"llmstack {stage}: configuration error: {err}", file=sys.stderr)
+        hint = "" if args.config else f"; no --config was given, {example_command(stage)}"
+        print(f"llmstack {stage}: configuration error: {err}{hint}", file=sys.stderr)
         return 2
     module, func = STAGES[stage][1].split(":")
     try:

@@ -91,11 +91,34 @@ def test_every_readme_command_works_on_a_fresh_copy_in_order(tmp_path):
 
 
 def test_a_bare_launch_without_a_config_lists_every_missing_key_in_one_line(tmp_path):
-    proc = subprocess.run([str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu",
-                           str(REPO / "recipes/ppo.py")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "recipes/ppo.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "model.name_or_path" in lines[0] and "reward_model.name_or_path" in lines[0]
+    for key in ("model.name_or_path", "reward_model.name_or_path", "value_model.name_or_path"):
+        assert key in lines[0]
     assert "--config configs/tiny/ppo.yaml" in lines[0]
+    # accelerate's launcher reports any non-zero exit of its child as its own CalledProcessError (exit 1,
+    # with a traceback of the launcher itself); the recipe's message still comes once, as the same one line
+    launched = subprocess.run([str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu",
+                               str(REPO / "recipes/ppo.py")], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env=env)
+    assert launched.returncode != 0
+    ours = [line for line in launched.stderr.splitlines() if line.startswith("llmstack ppo:")]
+    assert ours == lines, launched.stderr[-2000:]
+    assert "recipes/ppo.py" not in launched.stderr.split("Traceback")[0].split("llmstack ppo:")[0]
+
+
+def test_trl_argument_names_are_answered_with_ours_and_all_problems_come_at_once():
+    from llmstack.config import ConfigError, SFTConfig, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, None, ["learning_rate=1e-5", "per_device_train_batch_size=4", "train.lr=fast",
+                                      "model.name_or_path=x", "train.batch_size=0"])
+    problems = err.value.problems
+    assert len(problems) == 4, problems
+    assert "here it is 'train.lr'" in problems[0] and "here it is 'train.batch_size'" in problems[1]
+    assert "'train.lr'" in problems[2] and "train.batch_size" in problems[3]
+    assert str(err.value).startswith("4 problems: (1) ")

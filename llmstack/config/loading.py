@@ -17,7 +17,31 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration key or value is not acceptable; the message says which and what is allowed."""
+    """A configuration key or value is not acceptable; the message says which and what is allowed. One error
+    may carry several problems (`problems`), all found in one pass, so a user fixes them in one go."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        unique = list(dict.fromkeys(problems))
+        if len(unique) == 1:
+            return cls(unique[0])
+        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(unique, 1))
+        return cls(f"{len(unique)} problems: {listed}", unique)
+
+
+class _Problems(list):
+    """Problems found so far; `check` runs one check and keeps its ConfigError instead of stopping."""
+
+    def check(self, fn, *args):
+        try:
+            return fn(*args)
+        except ConfigError as err:
+            self.extend(err.problems)
+            return None
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
@@ -35,7 +59,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factor
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Build `cls` from a YAML file (optional) and `key=value` overrides; raise ConfigError on any problem."""
+    """Build `cls` from a YAML file (optional) and `key=value` overrides; raise one ConfigError listing every
+    problem (unknown keys, wrong types, out-of-range values, each section's own checks)."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -50,10 +75,14 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    _check_keys(cls, data, "", source)
+    problems = _Problems()
+    _check_keys(cls, data, "", source, problems)
     for item in overrides or []:
-        _apply_override(cls, data, item)
-    return _build(cls, data, "")
+        problems.check(_apply_override, cls, data, item)
+    cfg = _build(cls, data, "", problems=problems)
+    if problems:
+        raise ConfigError.of(problems)
+    return cfg
 
 
 def _apply_override(cls: type, data: dict, item: str) -> None:
@@ -61,7 +90,10 @@ def _apply_override(cls: type, data: dict, item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"command-line override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
     parts = key.split(".")
-    _check_keys(cls, _nest(parts, None), "", f"command-line override {item!r}")
+    problems = _Problems()
+    _check_keys(cls, _nest(parts, None), "", f"command-line override {item!r}", problems)
+    if problems:
+        raise ConfigError.of(problems)
     node = data
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
@@ -84,29 +116,95 @@ def _one_level_down(cls: type, hints: dict, key: str, prefix: str) -> list[str]:
     return found if len(found) == 1 else []
 
 
-def _check_keys(cls: type, data: dict, prefix: str, source: str) -> None:
+def _check_keys(cls: type, data: dict, prefix: str, source: str, problems: list[str]) -> None:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names and key in getattr(cls, "MOVED", {}):
             parent = prefix[:-1].rpartition(".")[0]
-            raise ConfigError(f"config key '{dotted}' in {source} has moved: it is now "
-                              f"'{parent + '.' if parent else ''}{cls.MOVED[key]}'")
+            problems.append(f"config key '{dotted}' in {source} has moved: it is now "
+                            f"'{parent + '.' if parent else ''}{cls.MOVED[key]}'")
+            continue
         if key not in names:
-            known = [f"{prefix}{n}" for n in names]
-            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6) or _one_level_down(cls, hints, key, prefix)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            where = f"'{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(f"unknown config key '{dotted}' in {source}.{hint} "
-                              f"Keys allowed at {where}: {', '.join(names)}")
+            problems.append(_unknown_key(cls, hints, names, key, prefix, source))
+            continue
         sub = hints[key]
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            _check_keys(sub, value, f"{dotted}.", source)
+            _check_keys(sub, value, f"{dotted}.", source, problems)
 
 
-def _build(cls: type, data: dict, prefix: str, base=None):
-    """`base` (default: `cls()`) with the keys of `data` replaced; sections keep their stage's defaults."""
+# Hugging Face Trainer / TRL argument names -> what means the same here ({section} is the stage's own
+# algorithm section where one exists). Answered wherever they appear, at the top level or in a section.
+TRL_NAMES = {
+    "learning_rate": "train.lr",
+    "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "train.batch_size (evaluation uses the training micro-batch)",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.max_steps (runs are counted in optimiser steps)",
+    "max_steps": "train.max_steps",
+    "warmup_steps": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_steps (in steps)",
+    "weight_decay": "train.weight_decay",
+    "lr_scheduler_type": "train.schedule",
+    "max_grad_norm": "train.max_grad_norm",
+    "adam_beta1": "train.adam_betas",
+    "adam_beta2": "train.adam_betas",
+    "bf16": "train.precision=bf16",
+    "fp16": "train.precision=fp16",
+    "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "model_name_or_path": "model.name_or_path",
+    "max_length": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length",
+    "packing": "data.packing",
+    "dataset_text_field": "data.train records with a 'text' field",
+    "beta": "dpo.beta (DPO) or ppo.kl_coef (PPO/GRPO)",
+    "loss_type": "dpo.loss (DPO) or ppo.loss_aggregation (GRPO)",
+    "num_generations": "rollout.samples_per_prompt",
+    "max_completion_length": "rollout.max_new_tokens",
+    "max_new_tokens": "rollout.max_new_tokens",
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+    "num_ppo_epochs": "ppo.epochs",
+    "cliprange": "ppo.clip",
+    "epsilon": "ppo.clip",
+    "cliprange_value": "ppo.value_clip",
+    "vf_coef": "ppo.value_lr (the value model has its own optimiser)",
+    "kl_coef": "ppo.kl_coef",
+    "missing_eos_penalty": "ppo.missing_eos_penalty",
+    "use_peft": "lora.enabled",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "reward_model_path": "reward_model.name_or_path",
+    "sft_model_path": "model.name_or_path",
+}
+
+
+def _unknown_key(cls: type, hints: dict, names: list[str], key: str, prefix: str, source: str) -> str:
+    dotted = f"{prefix}{key}"
+    known = [f"{prefix}{n}" for n in names]
+    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6) or _one_level_down(cls, hints, key, prefix)
+    if key in TRL_NAMES and not close:
+        return f"unknown config key '{dotted}' in {source}: that is TRL/transformers' name; here it is " \
+               f"'{TRL_NAMES[key]}'"
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    where = f"'{prefix[:-1]}'" if prefix else "the top level"
+    return f"unknown config key '{dotted}' in {source}.{hint} Keys allowed at {where}: {', '.join(names)}"
+
+
+def _build(cls: type, data: dict, prefix: str, base=None, problems: _Problems | None = None):
+    """`base` (default: `cls()`) with the keys of `data` replaced; sections keep their stage's defaults. A value
+    that cannot be used is recorded in `problems` (or raised, without a list) and its default kept, so the
+    remaining checks still run."""
+    own = problems is None
+    problems = _Problems() if own else problems
     base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -116,26 +214,32 @@ def _build(cls: type, data: dict, prefix: str, base=None):
         key, value, typ = f"{prefix}{f.name}", data[f.name], hints[f.name]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}': expected a section of keys, got {value!r}")
-            kwargs[f.name] = _build(typ, value, f"{key}.", getattr(base, f.name))
+                problems.append(f"config key '{key}': expected a section of keys, got {value!r}")
+                continue
+            kwargs[f.name] = _build(typ, value, f"{key}.", getattr(base, f.name), problems)
         else:
-            kwargs[f.name] = _coerce(key, value, typ)
+            try:
+                kwargs[f.name] = _coerce(key, value, typ)
+            except ConfigError as err:
+                problems.extend(err.problems)
     obj = dataclasses.replace(base, **kwargs)
     if not prefix:
-        _validate(obj, "")
+        _validate(obj, "", problems)
+    if own and problems:
+        raise ConfigError.of(problems)
     return obj
 
 
-def _validate(obj, prefix: str) -> None:
+def _validate(obj, prefix: str, problems: _Problems) -> None:
     """Bounds of every number and each section's own `validate`, defaults included."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _validate(value, f"{prefix}{f.name}.")
+            _validate(value, f"{prefix}{f.name}.", problems)
         else:
-            _check_bounds(f"{prefix}{f.name}", value, f.metadata)
+            problems.check(_check_bounds, f"{prefix}{f.name}", value, f.metadata)
     if hasattr(obj, "validate"):
-        obj.validate(prefix[:-1] if prefix else "config")
+        problems.check(obj.validate, prefix[:-1] if prefix else "config")
 
 
 def _type_name(typ: Any) -> str:
@@ -217,15 +321,15 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: dotted name, type, default and help; for `--help`."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per key: dotted name, type, the stage's default and help; for `--help`."""
     lines = []
     hints = typing.get_type_hints(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         typ, key = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(typ):
-            lines += describe(typ, f"{key}.")
+            lines += describe(typ, f"{key}.", getattr(defaults, f.name))
             continue
         lines.append(f"  {key} = {getattr(defaults, f.name)!r}  ({_type_name(typ)})  {f.metadata.get('help', '')}")
     return lines

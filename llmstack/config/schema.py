@@ -318,18 +318,24 @@ class PPOConfig:
                                          "all 1.")
 
     def validate(self, prefix: str) -> None:
+        problems = []
+        if not (self.reward_model.name_or_path or self.reward_funcs):
+            problems.append("no reward: set 'reward_model.name_or_path' (the reward stage's model/ directory) "
+                            "and/or 'reward_funcs' (Python reward functions)")
         if self.ppo.estimator == "gae" and not (self.value_model.name_or_path or self.reward_model.name_or_path):
-            raise ConfigError("config key 'ppo.estimator': gae trains a value model; set 'value_model.name_or_path' "
-                              "(a reward model or the policy to start it from), or choose a critic-free estimator "
-                              "(grpo, rloo, reinforce_pp)")
+            problems.append("config key 'ppo.estimator': gae trains a value model; set 'value_model.name_or_path' "
+                            "(a reward model or the policy to start it from), or choose a critic-free estimator "
+                            "(grpo, rloo, reinforce_pp)")
         if self.ppo.estimator == "grpo" and self.ppo.kl_in != "loss":
-            raise ConfigError("config key 'ppo.kl_in': the grpo estimator keeps the KL penalty out of the reward; "
-                              "set ppo.kl_in=loss")
+            problems.append("config key 'ppo.kl_in': the grpo estimator keeps the KL penalty out of the reward; "
+                            "set ppo.kl_in=loss")
         if self.ppo.ptx_coef > 0 and not self.data.ptx:
-            raise ConfigError("config key 'ppo.ptx_coef' > 0 needs 'data.ptx': the pretraining text to mix in")
+            problems.append("config key 'ppo.ptx_coef' > 0 needs 'data.ptx': the pretraining text to mix in")
         if self.train.grad_accum != 1:
-            raise ConfigError("config key 'train.grad_accum': PPO takes minibatches of train.batch_size from each "
-                              "rollout; set rollout.batch_size for more samples and keep grad_accum 1")
+            problems.append("config key 'train.grad_accum': PPO takes minibatches of train.batch_size from each "
+                            "rollout; set rollout.batch_size for more samples and keep grad_accum 1")
+        if problems:
+            raise ConfigError.of(problems)
 
 
 @dataclass
