@@ -20,9 +20,9 @@ LAYERS = [
     {"llmstack.data", "llmstack.models"},
     {"llmstack.evaluation"},
     {"llmstack.trainers"},
-    {"llmstack.pipeline", "llmstack.cli"},
+    {"llmstack.pipeline", "llmstack.cli", "llmstack.api"},
 ]
-STAGE_MODULES = {"pretrain", "sft", "reward", "ppo"}
+STAGE_MODULES = {"pretrain", "sft", "reward", "ppo", "dpo"}
 
 
 def _unit(module: str) -> str:

@@ -10,7 +10,8 @@ Each field is documented once, in its `help` metadata; `llmstack <stage> --help`
 """
 
 from llmstack.config.curate import CurateConfig
-from llmstack.config.loading import ConfigError, describe, load_config, option, save_config, to_dict
+from llmstack.config.loading import (ConfigError, config_from_dict, describe, load_config, option, save_config,
+                                     to_dict)
 from llmstack.config.schema import (PREVIOUS, ChatDataConfig, DataConfig, DPOConfig, DPOSettings, GRPOConfig,
                                     LoraConfig, ModelConfig, ModelRef, PipelineConfig, PPOConfig, PPOSettings,
                                     PreferenceDataConfig, PretrainConfig, PromptDataConfig, RewardConfig,
@@ -19,4 +20,4 @@ from llmstack.config.schema import (PREVIOUS, ChatDataConfig, DataConfig, DPOCon
 __all__ = ["PREVIOUS", "ChatDataConfig", "ConfigError", "CurateConfig", "DataConfig", "DPOConfig", "DPOSettings",
            "GRPOConfig", "LoraConfig", "ModelConfig", "ModelRef", "PPOConfig", "PPOSettings", "PipelineConfig",
            "PreferenceDataConfig", "PretrainConfig", "PromptDataConfig", "RewardConfig", "RolloutConfig",
-           "SFTConfig", "TrainConfig", "describe", "load_config", "option", "save_config", "to_dict"]
+           "SFTConfig", "TrainConfig", "config_from_dict", "describe", "load_config", "option", "save_config", "to_dict"]

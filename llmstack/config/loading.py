@@ -85,6 +85,16 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return cfg
 
 
+def config_from_dict(cls: type, data: dict, source: str = "the settings given in Python"):
+    """Build `cls` from a nested dict (as `config.yaml` holds it), with every check `load_config` makes."""
+    problems = _Problems()
+    _check_keys(cls, data, "", source, problems)
+    cfg = _build(cls, data, "", problems=problems)
+    if problems:
+        raise ConfigError.of(problems)
+    return cfg
+
+
 def _apply_override(cls: type, data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:

@@ -1,4 +1,5 @@
-"""Where documents come from: local files and directories, `datasets` names, or the built-in corpus.
+"""Where documents come from: local files and directories, `datasets` names and `save_to_disk` directories,
+records given in Python (`memory:` names, `llmstack.config.objects`), or the built-in corpus.
 
 Every reader streams: a corpus is never loaded whole. A .txt file is one document, and it also arrives in
 parts (`iter_document_parts`) so that a file of any size is read with bounded memory; `iter_documents`
@@ -13,9 +14,13 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from llmstack.config import objects
 from llmstack.tracking.record import file_sha256
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
+# record files up to this size also get a fingerprint of their records (the same as for the same records
+# given in Python); larger corpora keep the file hashes alone, so the record costs one extra read at most
+RECORDS_HASH_BYTES = 256 << 20
 PART_CHARS = 1 << 20  # characters read from a .txt file at a time: a few MiB of memory, few Python calls
 
 
@@ -108,9 +113,33 @@ def synthetic_count(spec: str) -> int | None:
     return None
 
 
+def saved_dataset(path: Path) -> bool:
+    """A directory written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def _saved_records(path: Path) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{path}: a saved DatasetDict without a 'train' split (it has: {', '.join(loaded)}); "
+                            f"point the key at one split's directory, e.g. {path / next(iter(loaded))}")
+        loaded = loaded["train"]
+    for index, record in enumerate(loaded):
+        yield f"{path}, record {index}", record
+
+
 def iter_records(spec: str) -> Iterator[tuple[str, object]]:
-    """(where, record) pairs from JSONL/JSON/Parquet files, a directory of them, or a `datasets` name."""
-    if Path(spec).exists():
+    """(where, record) pairs from JSONL/JSON/Parquet files, a directory of them, a `save_to_disk` directory,
+    records given in Python, or a `datasets` name."""
+    if objects.is_memory(spec):
+        for index, record in enumerate(objects.lookup(spec)):
+            yield f"{spec}, record {index}", record
+    elif saved_dataset(Path(spec)):
+        yield from _saved_records(Path(spec))
+    elif Path(spec).exists():
         for path in local_files(spec):
             if _kind(path).startswith(".txt"):
                 raise DataError(f"{path}: a plain-text file holds no records; records come from "
@@ -149,6 +178,8 @@ def iter_document_parts(spec: str, text_field: str = "text") -> Iterator[tuple[s
         from llmstack.data.synthetic import corpus
 
         docs = iter(corpus(n_synthetic))
+    elif objects.is_memory(spec) or saved_dataset(Path(spec)):
+        docs = (_text_of(record, text_field, where) for where, record in iter_records(spec))
     elif Path(spec).exists():
         files = local_files(spec)
         return (part for path in files for part in _file_parts(path, text_field))
@@ -184,8 +215,22 @@ def describe_source(spec: str) -> dict:
     n_synthetic = synthetic_count(spec)
     if n_synthetic is not None:
         return {"spec": spec, "generator": "llmstack.data.synthetic", "documents": n_synthetic}
+    if objects.is_memory(spec):
+        return {"spec": spec, **objects.describe(spec)}
+    if saved_dataset(Path(spec)):
+        digest, count = objects.records_sha256(record for _, record in _saved_records(Path(spec)))
+        return {"spec": spec, "saved_dataset": True, "records": count, "records_sha256": digest}
     if Path(spec).exists():
         files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in local_files(spec)]
-        return {"spec": spec, "files": files}
+        described = {"spec": spec, "files": files}
+        if all(not _kind(p).startswith(".txt") for p in local_files(spec)) and \
+                sum(f["bytes"] for f in files) <= RECORDS_HASH_BYTES:
+            described["records"], described["records_sha256"] = _records_fingerprint(spec)
+        return described
     name, config, split = _parse_dataset(spec)
     return {"spec": spec, "dataset": name, "config": config, "split": split}
+
+
+def _records_fingerprint(spec: str) -> tuple[int, str]:
+    digest, count = objects.records_sha256(record for _, record in iter_records(spec))
+    return count, digest

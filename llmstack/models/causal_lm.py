@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
+from llmstack.config import objects
 from llmstack.models.heads import unwrap
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ def build_from_preset(name: str, tokenizer, max_positions: int, seed: int) -> Pr
 def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
                    load_in_4bit: bool = False) -> PreTrainedModel:
     """Any `AutoModelForCausalLM`, in fp32 (mixed precision is applied by the trainer, not the weights), or
-    with its linear layers in 4-bit NF4 for QLoRA (bitsandbytes; bf16 compute)."""
+    with its linear layers in 4-bit NF4 for QLoRA (bitsandbytes; bf16 compute). A model given in Python (a
+    `memory:` name) comes back as a copy, so the caller's object is left as it was."""
+    if objects.is_memory(name_or_path):
+        return objects.fresh_copy(name_or_path).to(torch.float32)
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -75,8 +79,11 @@ def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    if objects.is_memory(name_or_path):
+        tokenizer = objects.fresh_copy(name_or_path)  # a stage may set its pad token or chat template
+    else:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer.pad_token is None:
         # Packed pretraining never pads inside a block; the final partial block needs some id.
         tokenizer.pad_token = tokenizer.eos_token

@@ -16,6 +16,7 @@ import math
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from llmstack.config import objects
 from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
 from llmstack.rl.experience import join
 
@@ -24,8 +25,11 @@ def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code
     """A one-label sequence classifier; a new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et
     al. 2019, so early rewards are near zero and the backbone's features dominate the first updates. Value
     models are loaded the same way (they start from a reward model, or a policy)."""
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32,
-                                                               trust_remote_code=trust_remote_code)
+    if objects.is_memory(name_or_path):
+        model = _classifier_from_object(objects.fresh_copy(name_or_path))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32,
+                                                                   trust_remote_code=trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     if not any(a.endswith("ForSequenceClassification") for a in getattr(model.config, "architectures", None) or []):
         generator = torch.Generator().manual_seed(seed)
@@ -33,6 +37,24 @@ def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code
         with torch.no_grad():
             model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=generator) / math.sqrt(hidden + 1))
     return model
+
+
+def _classifier_from_object(given):
+    """A model given in Python as a reward model: a one-label sequence classifier as it is, or a causal LM whose
+    backbone becomes one (the LM head is dropped, the score head is new)."""
+    if type(given).__name__.endswith("ForSequenceClassification"):
+        if given.config.num_labels != 1:
+            raise ValueError(f"a reward or value model gives one score: this {type(given).__name__} has "
+                             f"{given.config.num_labels} labels; build it with num_labels=1")
+        return given.to(torch.float32)
+    config = given.config
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    missing, _ = model.load_state_dict(given.state_dict(), strict=False)
+    if any(not name.startswith("score.") for name in missing):
+        raise ValueError(f"cannot use a {type(given).__name__} as a reward model's backbone: its weights do not "
+                         f"fit {type(model).__name__} (missing: {', '.join(missing[:5])})")
+    return model.to(torch.float32)
 
 
 def statistics(model) -> tuple[float, float] | None:

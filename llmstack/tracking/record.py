@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import llmstack
+from llmstack.config import objects
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -89,9 +90,12 @@ def _read_record(path: Path) -> dict:
 
 def find_parent(model_path: str | None) -> dict | None:
     """Link to the run that produced `model_path` when it is an llmstack run's `model/` directory (its parent
-    holds record.json); any other path or a Hub name is recorded as given."""
+    holds record.json); a model given in Python by its class, parameter count and weights hash; any other path
+    or a Hub name as given."""
     if model_path is None:
         return None
+    if objects.is_memory(model_path):
+        return {"model": model_path, **objects.describe(model_path)}
     path = Path(model_path)
     record = path.resolve().parent / "record.json"
     if path.is_dir() and record.is_file():

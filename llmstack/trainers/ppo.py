@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from llmstack.config import ConfigError, PPOConfig
+from llmstack.config import ConfigError, PPOConfig, objects
 from llmstack.data import batching
 from llmstack.data.chat import ensure_chat_template
 from llmstack.data.formats import ChatFields
@@ -83,7 +83,8 @@ def reward_sources(cfg: PPOConfig, reward_model, functions: dict[str, Callable])
     """(source, weight) pairs: the reward model first (when set), then `reward_funcs` in order, then the
     function objects given in Python (by name)."""
     sources = [RewardModelScores(reward_model)] if reward_model is not None else []
-    sources += [reward_function(spec, cfg.rollout.max_new_tokens) for spec in cfg.reward_funcs]
+    sources += [FunctionReward(objects.lookup(spec), objects.describe(spec)["name"]) if objects.is_memory(spec)
+                else reward_function(spec, cfg.rollout.max_new_tokens) for spec in cfg.reward_funcs]
     sources += [FunctionReward(fn, name) for name, fn in functions.items()]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
@@ -217,6 +218,13 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
     return step
 
 
+def _named_metric(spec: str) -> tuple[str, MetricFn]:
+    """(name, function) for a `metrics:` entry: an import path, or a function given in Python."""
+    if objects.is_memory(spec):
+        return objects.describe(spec)["name"], objects.lookup(spec)
+    return spec.rpartition(":")[2], import_callable(spec, "metrics")
+
+
 def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
         reward_funcs: dict[str, Callable] | None = None, callbacks=()) -> LoopResult | None:
     """Train (or resume) a policy with the RL loop (PPO, GRPO, RLOO, REINFORCE++ by `ppo.estimator`); returns
@@ -224,7 +232,7 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
     per response) are logged at every step, beside the functions named in `cfg.metrics`; `reward_funcs`
     (name -> f(prompts, completions, **columns) -> one value per completion) are reward sources beside those
     the config names."""
-    metrics = {**{path.rpartition(":")[2]: import_callable(path, "metrics") for path in cfg.metrics}, **(metrics or {})}
+    metrics = {**dict(_named_metric(path) for path in cfg.metrics), **(metrics or {})}
     run = open_run(cfg, "ppo" if cfg.ppo.estimator == "gae" else cfg.ppo.estimator, callbacks)
     if run.finished:
         return None
