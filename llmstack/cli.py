@@ -35,6 +35,9 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
         epilog="configuration keys (set in the YAML file or as key=value):\n" + "\n".join(describe(config_cls)))
     parser.add_argument("--config", help="YAML file with the run's configuration (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the configuration, data and launch: a few steps on a tiny model of the same "
+                             "architecture family, into <output_dir>-smoke (llmstack.smoke)")
     return parser
 
 
@@ -55,6 +58,14 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
         hint = "" if args.config else f"; no --config was given, {example_command(stage)}"
         print(f"llmstack {stage}: configuration error: {err}{hint}", file=sys.stderr)
         return 2
+    if args.smoke:
+        from llmstack.smoke import smoke_config
+
+        try:
+            cfg = smoke_config(stage, cfg)
+        except (ConfigError, ValueError) as err:
+            print(f"llmstack {stage} --smoke: {err}", file=sys.stderr)
+            return 2
     module, func = STAGES[stage][1].split(":")
     try:
         result = getattr(importlib.import_module(module), func)(cfg)
