@@ -31,6 +31,7 @@ class Steps:
     losses: list[float]
     positions: list[int] = field(default_factory=list)
     items: list[int] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # further results of the run as a whole (e.g. its wall time)
 
 
 class Clock(TrainerCallback):
@@ -165,5 +166,6 @@ def main(argv: list[str], contenders: dict[str, Callable], quality: Callable[[st
     if run.positions:
         result["padding_share"] = 1 - sum(run.tokens) / sum(run.positions)
         result["positions_per_step"] = statistics.median(run.positions)
+    result.update(run.extra)
     result.update(quality(init, data, str(Path(out) / "model"), seq))
     print(json.dumps(result))

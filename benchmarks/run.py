@@ -4,10 +4,12 @@ precision and step count; steady-state throughput, peak memory and the quality r
     python -m benchmarks pretrain [--data FILE] [--steps N] [--repeats N] ...
     python -m benchmarks sft [--data FILE] ...
     python -m benchmarks reward [--data FILE] ...
+    python -m benchmarks dpo [--data FILE] ...
+    python -m benchmarks grpo [--data FILE] --seq NEW_TOKENS --batch PROMPTS ...
 
 Comparisons: `pretrain` (llmstack's pretraining stage vs a plain `transformers.Trainer` causal-LM run), `sft`
 (llmstack's SFT stage vs TRL's `SFTTrainer`, packing off and on), `reward` (llmstack's reward stage vs TRL's
-`RewardTrainer`). Results go to benchmarks/results/<comparison>.md.
+`RewardTrainer`), `dpo` (llmstack's DPO stage vs TRL's `DPOTrainer`), `grpo` (llmstack's GRPO vs TRL's `GRPOTrainer`). Results go to benchmarks/results/<comparison>.md.
 """
 
 from __future__ import annotations
@@ -91,6 +93,21 @@ COMPARISONS = {
          _speed("items_per_s"), Column("positions run / step", "positions_per_step", ",.0f"),
          MEMORY, *_with_losses(HELD_OUT_LOSS, Column("held-out accuracy", "held_out_accuracy", ".3f")), LOAD],
         pairs=(("llmstack", "trl"),), real_models=True),
+    "dpo": Comparison(
+        "benchmarks.dpo_contenders", "llmstack,trl", SHARED_DATA / "hh_rlhf_harmless_base" / "test.jsonl.gz",
+        [Column("pairs/s (median, min-max)", "items_per_s", ",.2f", spread=True),
+         Column("scored tokens/s (median, min-max)", "tokens_per_s", ",.0f", spread=True),
+         _speed("items_per_s"), Column("whole run (s)", "run_s", ",.1f", spread=True),
+         MEMORY, *_with_losses(HELD_OUT_LOSS, Column("held-out reward accuracy", "held_out_accuracy", ".3f")),
+         LOAD],
+        pairs=(("llmstack", "trl"),)),
+    "grpo": Comparison(
+        "benchmarks.grpo_contenders", "llmstack,trl", SHARED_DATA / "gsm8k" / "train.jsonl",
+        [Column("answers/s (median, min-max)", "items_per_s", ",.2f", spread=True),
+         Column("generated tokens/s (median, min-max)", "tokens_per_s", ",.0f", spread=True),
+         _speed("items_per_s"), Column("generated tokens/step", "tokens_per_step", ",.0f"), MEMORY,
+         Column("peak RSS (MiB)", "peak_rss_mib", ",.0f"), LOAD],
+        pairs=(("llmstack", "trl"),)),
 }
 
 

@@ -1,0 +1,121 @@
+"""The `grpo` comparison: llmstack's GRPO (the RL loop with the `grpo` estimator) vs TRL's `GRPOTrainer` on the
+same prompts; each contender runs alone in this process (see run.py) and prints one JSON line of results.
+
+    python -m benchmarks.grpo_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP
+
+SEQ is the generation length, BATCH the prompts per step; every prompt gets G = 4 answers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import common
+from llmstack.data import chat, text
+from llmstack.data.sources import iter_records
+from llmstack.models.causal_lm import build_from_preset, save_model
+
+LR, BETA, GROUP, PROMPT_TOKENS = 1e-6, 0.04, 4, 256
+
+DESCRIPTION = (
+    "Work: preset {preset} with fresh weights (policy and frozen reference), vocabulary {vocabulary:,} (a "
+    "byte-level BPE trained on the questions{also}), GSM8K questions as plain-text prompts ({prompts} of at most "
+    + str(PROMPT_TOKENS) + " tokens), {batch} prompts per step with G = " + str(GROUP) + " answers each of up "
+    "to {seq} new tokens, sampled at temperature 1 with Hugging Face `generate` in both; one optimiser step per "
+    "rollout (one epoch, one minibatch of all answers), the original GRPO loss (per-answer token mean, then the "
+    "batch mean), advantages divided by the group's standard deviation, KL to the reference as a k3 loss term "
+    "with beta " + str(BETA) + ", lr " + str(LR) + ", fp32. The reward is one Python function for both: the "
+    "share of an answer's characters that are digits. Step time: generation, reward, reference and policy "
+    "passes and the update, from the start of one step to the next. Peak memory: the process's resident-set "
+    "high-water mark."
+)
+
+NOTES = """Notes:
+- Sampling differs between the two (each seeds its own generator), so the answers, and with a fresh model
+  nearly all of them run to the full length, are the same amount of work but not the same tokens; the
+  generated tokens per step are in the table.
+- The first loss differs in meaning: TRL logs its surrogate loss, llmstack its policy loss plus the KL term;
+  both start at the policy == reference point."""
+
+
+def digit_share(prompts, completions, **columns) -> list[float]:
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def prepare(args, work: Path) -> dict:
+    questions = [record["question"] for _, record in iter_records(args.data)]
+    tokenizer = text.train_tokenizer(common.tokenizer_texts(iter(questions), args.tokenizer_text), args.vocab)
+    chat.ensure_chat_template(tokenizer)
+    save_model(build_from_preset(args.preset, tokenizer, PROMPT_TOKENS + args.seq, seed=common.SEED), tokenizer,
+               work / "init")
+    fitting = [q for q in questions if len(tokenizer(q)["input_ids"]) <= PROMPT_TOKENS]
+    data = work / "data"
+    data.mkdir(exist_ok=True)
+    (data / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in fitting))
+    return {"data": str(data), "prompts": len(fitting), "vocabulary": len(tokenizer),
+            "also": common.also(args.tokenizer_text)}
+
+
+def _prompts(data: str) -> list[dict]:
+    return [record for _, record in iter_records(str(Path(data) / "prompts.jsonl"))]
+
+
+def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
+    from llmstack.config import GRPOConfig, load_config
+    from llmstack.trainers.ppo import ppo
+
+    cfg = load_config(GRPOConfig, None, [
+        f"output_dir={out}", f"model.name_or_path={init}", f"data.train={Path(data) / 'prompts.jsonl'}",
+        f"data.max_prompt_length={PROMPT_TOKENS}", f"seed={common.SEED}", f"rollout.batch_size={batch}",
+        f"rollout.samples_per_prompt={GROUP}", f"rollout.max_new_tokens={seq}", "rollout.temperature=1.0",
+        f"train.batch_size={batch * GROUP}", f"train.max_steps={steps}", f"train.lr={LR}", "train.log_every=1",
+        f"train.save_every={steps}", "train.precision=fp32", "train.keep_last=1", "ppo.epochs=1",
+        "ppo.estimator=grpo", "ppo.kl_in=loss", "ppo.kl_estimator=k3", f"ppo.kl_coef={BETA}", "ppo.kl_target=null",
+        "ppo.loss_aggregation=sequence_mean", "ppo.scale_by_std=true", "samples_per_step=0",
+        "kernels=reference"])
+    ppo(cfg, reward_funcs={"digit_share": digit_share})
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["time_generate"] + r["time_score"] + r["time_update"] for r in rows]
+    tokens = [round(r["tokens_per_s"] * s) for r, s in zip(rows, seconds)]
+    return common.Steps(seconds=seconds, tokens=tokens, losses=[r["loss"] for r in rows],
+                        items=[batch * GROUP] * len(rows))
+
+
+def trl_run(init, data, out, seq, batch, steps) -> common.Steps:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from llmstack.models.causal_lm import load_tokenizer
+
+    tokenizer = load_tokenizer(init)
+    tokenizer.padding_side = "left"
+    prompts = _prompts(data)
+    order = common.dealing_order(len(prompts), batch, steps)
+    dataset = Dataset.from_list([prompts[i] for i in order])
+    clock = common.Clock()
+    args = common.trainer_arguments(GRPOConfig, out, batch * GROUP, steps, LR, 0, **common.TRAINER_SCHEDULE,
+                                    num_generations=GROUP, max_completion_length=seq, temperature=1.0, beta=BETA,
+                                    loss_type="grpo", scale_rewards="group", num_iterations=1,
+                                    shuffle_dataset=False, bf16=False, log_completions=False)
+    trainer = GRPOTrainer(model=init, reward_funcs=digit_share, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    trainer.save_model(str(Path(out) / "model"))
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    lengths = [h.get("completions/mean_length", seq) for h in logged]
+    return common.Steps(seconds=clock.seconds(), tokens=[round(n * batch * GROUP) for n in lengths],
+                        losses=[h["loss"] for h in logged], items=[batch * GROUP] * len(logged))
+
+
+def quality(init: str, data: str, model_dir: str, seq: int) -> dict:
+    """No held-out measure: with a fresh model and a toy reward, a few steps say nothing about quality."""
+    return {}
+
+
+CONTENDERS = {"llmstack": llmstack_run, "trl": trl_run}
+
+
+if __name__ == "__main__":
+    common.main(sys.argv[1:], CONTENDERS, quality)
