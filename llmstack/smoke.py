@@ -8,7 +8,8 @@ and no real weights. What changes, each said in one log line:
   the smoke data;
 - data is read as configured, first records only; a source that cannot be read here (a Hub dataset offline, a
   path produced by an earlier stage) is replaced by built-in records of the same type;
-- the run takes 3 steps of small batches into `<output_dir>-smoke`, so the real run directory is never touched.
+- the run takes 3 steps of small batches into `<output_dir>-smoke`, so the real run directory is never touched;
+  without CUDA it runs in fp32.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def smoke_config(stage: str, cfg):
         if isinstance(target, dict):
             target.update({k: v for k, v in values.items() if k in target})
     data["output_dir"] = f"{str(cfg.output_dir).rstrip('/')}-smoke"
-    if not torch.cuda.is_available() and data["train"]["precision"] == "fp16":
+    if not torch.cuda.is_available() and data["train"]["precision"] != "fp32":
+        note(f"train.precision={data['train']['precision']} runs as fp32 without CUDA (CPU autocast is slow on CPUs "
+             "without native bf16, and a smoke run checks the configuration, not the numerics)")
         data["train"]["precision"] = "fp32"
     for key in ("train", "eval", "ptx"):
         spec = data["data"].get(key)
