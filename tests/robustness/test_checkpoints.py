@@ -3,6 +3,7 @@ checkpoint is skipped for the last good one (or the run stops and says what to d
 applies a changed setting and records it, or refuses it and changes nothing."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -102,12 +103,22 @@ def test_a_pickle_behind_a_rewritten_manifest_is_still_never_unpickled(tmp_path,
             pretrain(config(out))
         assert not isinstance(failed.value, Crash)
         assert not marker.exists(), f"a pickle in {name} ran"
-    # DeepSpeed's files are torch.save archives; the reader llmstack gives its engine builds tensors only
-    archive = tmp_path / "mp_rank_00_model_states.pt"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_the_reader_given_to_deepspeed_builds_tensors_and_its_records_only(tmp_path):
+    """DeepSpeed's files are torch.save archives; the reader llmstack gives its engine refuses anything else."""
+    marker = tmp_path / "pickle-ran"
+    archive = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"module": {"w": torch.ones(2)}, "hook": _Touch(marker)}, archive)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
         checkpoint._load_tensors_only(str(archive))
     assert not marker.exists()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    torch.save({"loss_scaler": LossScaler(1.0), "fp32": [torch.arange(3.0)]}, archive)
+    loaded = checkpoint._load_tensors_only(str(archive))
+    assert isinstance(loaded["loss_scaler"], LossScaler) and torch.equal(loaded["fp32"][0], torch.arange(3.0))
 
 
 class _Touch:
