@@ -1,18 +1,15 @@
-"""Mechanics every stage shares, written once: accelerator set-up, optimiser and schedule, checkpoints,
-signals, and the start-of-run report. Stages compose these functions; nothing here is a base class.
+"""Mechanics every stage shares, written once: accelerator set-up, optimiser and schedule, signals, and the
+start-of-run report (checkpoints are `checkpoint.py`). Stages compose these functions; nothing here is a base
+class.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import warnings
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -137,96 +134,6 @@ def build_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int,
     warmup = effective_warmup(warmup_steps, max_steps, schedule)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, schedule, warmup, max_steps, min_lr_ratio))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class Checkpointer:
-    """Resumable checkpoints under `run_dir/checkpoints/step-NNNNNNNN`.
-
-    A checkpoint is written into a temporary directory and renamed into place only when complete, with a
-    manifest of file sizes, so a crash mid-write never leaves something that looks like a checkpoint, and a
-    checkpoint damaged later (a truncated copy, a deleted file) is detected and skipped with a warning.
-    Model, optimiser, scheduler and every process's RNG state go through `accelerator.save_state`.
-    """
-
-    def __init__(self, run_dir: str | Path, accelerator: Accelerator, keep_last: int):
-        self.root = Path(run_dir) / "checkpoints"
-        self.accelerator = accelerator
-        self.keep_last = keep_last
-
-    def save(self, step: int, state: dict) -> Path:
-        acc = self.accelerator
-        tmp, final = self.root / f".tmp-step-{step:08d}", self.root / f"step-{step:08d}"
-        if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            with open(tmp / STATE_FILE, "w") as fh:
-                json.dump({"step": step, **state, "manifest": manifest}, fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        acc.wait_for_everyone()
-        return final
-
-    def _prune(self) -> None:
-        for path in self._step_dirs()[self.keep_last:]:
-            shutil.rmtree(path, ignore_errors=True)
-
-    def _step_dirs(self) -> list[Path]:
-        """Complete-looking checkpoint directories, newest first."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
-
-    def latest(self) -> Path | None:
-        """The newest valid checkpoint; damaged or partial ones are skipped with a warning naming the problem."""
-        for partial in self.root.glob(".tmp-step-*") if self.root.is_dir() else []:
-            warnings.warn(f"ignoring {partial}: a checkpoint whose write did not finish", stacklevel=2)
-        for path in self._step_dirs():
-            problem = checkpoint_problem(path)
-            if problem is None:
-                return path
-            warnings.warn(f"ignoring checkpoint {path}: {problem}; falling back to an older one", stacklevel=2)
-        return None
-
-    def load(self, path: Path) -> dict:
-        self.accelerator.load_state(str(path))
-        return json.loads((path / STATE_FILE).read_text())
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a usable checkpoint, or None when every file in its manifest is present and whole."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        manifest = state["manifest"]
-    except FileNotFoundError:
-        return f"{STATE_FILE} is missing (the save did not complete)"
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return f"{STATE_FILE} is unreadable"
-    for name, size in manifest.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {size} were written"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ an ETA, honour SIGTERM/SIGINT, checkpoint on cadence, and stop cleanly on a non-
 
 A loop supplies one function that advances the run by a single step (`step(state) -> StepReport`) and one
 that gives the data positions a checkpoint must hold; `run_loop` does the rest, identically for the
-supervised stages and for RL. What a checkpoint holds besides the accelerator's state is `LoopState`'s
-fields plus the loop's own (`extra_state()`), written as JSON.
+supervised stages and for RL. What a checkpoint holds besides the trained models, optimisers, schedules and
+generators (`checkpoint.Checkpointer`) is `LoopState`'s fields plus the loop's own (`extra_state()`), as JSON.
 """
 
 from __future__ import annotations
@@ -122,5 +122,7 @@ def resume(run: Run, restore_extra: Callable[[dict], None]) -> LoopState | None:
     saved = run.checkpointer.load(path)
     run.metrics.truncate_after(saved["step"])
     restore_extra(saved)
+    if run.record is not None and run.checkpointer.changes:
+        run.record.update(config_changes=run.checkpointer.changes)
     log.info(f"{run.stage}: resuming from {path} (step {saved['step']})")
     return LoopState.from_state_dict(saved)

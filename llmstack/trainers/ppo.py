@@ -156,8 +156,8 @@ def setup(run: Run, cfg: PPOConfig, functions: dict[str, Callable]) -> PPOSetup:
     # on the prepared optimisers, which under ZeRO offload are DeepSpeed's CPU Adam (see stage.py)
     schedulers = [build_scheduler(o, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
                   for o in optimizers]
-    for scheduler in schedulers:
-        acc.register_for_checkpointing(scheduler)
+    for model, optimizer, scheduler in zip((models.policy, models.value), optimizers, schedulers):
+        run.checkpointer.register(model, optimizer, scheduler)
     if models.reference is not None:
         models.reference = distributed.prepare_frozen(acc, models.reference)
     # the reward model's stored statistics describe its own scores, so they apply when it is the only source;

@@ -11,14 +11,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from llmstack.config import save_config, to_dict
 from llmstack.models.causal_lm import save_model
 from llmstack.models.lora import has_adapters, merged
-from llmstack.trainers.base import Checkpointer, describe_world, log, make_accelerator, setup_logging
+from llmstack.trainers.base import describe_world, log, make_accelerator, setup_logging
+from llmstack.trainers.checkpoint import Checkpointer
 from llmstack.trainers.callbacks import Callbacks, TrackerCallback
 from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
@@ -62,9 +62,10 @@ def open_run(cfg, stage: str, callbacks=()) -> Run:
         log.info(f"{stage}: {out} holds a completed run (record.json status '{done['status']}'); nothing to do. "
                  f"Use another output_dir to train again.")
         return Run(cfg, stage, out, acc, checkpointer, metrics, None, finished=True, callbacks=hooks)
+    # on every process, before anything is written: a refused change leaves the run directory as it was
+    checkpointer.check_resume(to_dict(cfg))
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        warn_config_changes(out / "config.yaml", to_dict(cfg))
         save_config(cfg, out / "config.yaml")
     acc.wait_for_everyone()
     if trackers:
@@ -82,16 +83,6 @@ def finished_record(run_dir: Path) -> dict | None:
         return None
     record = json.loads(path.read_text())
     return record if record.get("status") in COMPLETED else None
-
-
-def warn_config_changes(path: Path, new: dict) -> None:
-    """Resuming with different settings is allowed (e.g. more max_steps) but must never pass unnoticed."""
-    if not path.is_file():
-        return
-    old = _flat(yaml.safe_load(path.read_text()) or {})
-    changed = {k: (old.get(k), v) for k, v in _flat(new).items() if old.get(k) != v}
-    for key, (before, after) in changed.items():
-        log.warning(f"config key '{key}' changed since this run started: {before!r} -> {after!r}")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

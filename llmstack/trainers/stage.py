@@ -66,7 +66,7 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
     # after prepare: under ZeRO offload accelerate swaps in DeepSpeed's CPU Adam, and a schedule built on the
     # optimiser given to prepare would set learning rates nothing reads
     scheduler = build_scheduler(optimizer, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
-    acc.register_for_checkpointing(scheduler)
+    run.checkpointer.register(model, optimizer, scheduler)
 
     def evaluate(step: int = 0) -> dict:
         metrics = heldout_loss(acc, model, held_out(), objective.loss_sum, objective.count_targets,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from llmstack.trainers.base import (Checkpointer, StopOnSignal, batch_arithmetic, build_optimizer,
-                                    checkpoint_problem, lr_factor)
+from llmstack.trainers.base import StopOnSignal, batch_arithmetic, build_optimizer, lr_factor
+from llmstack.trainers.checkpoint import Checkpointer, checkpoint_problem
 
 
 def test_warmup_is_linear_from_first_update():
@@ -68,7 +68,9 @@ def checkpointer(tmp_path):
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.AdamW(model.parameters())
     model, opt = acc.prepare(model, opt)
-    return Checkpointer(tmp_path, acc, keep_last=2), model
+    ckpt = Checkpointer(tmp_path, acc, keep_last=2)
+    ckpt.register(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+    return ckpt, model
 
 
 def test_checkpoints_are_pruned_to_keep_last_and_reload(checkpointer):
@@ -103,7 +105,7 @@ def test_partial_and_stateless_checkpoints_are_ignored(checkpointer):
     ckpt.save(1, {})
     (ckpt.root / ".tmp-step-00000002").mkdir()
     (ckpt.root / "step-00000003").mkdir()
-    assert checkpoint_problem(ckpt.root / "step-00000003").startswith("trainer_state.json is missing")
+    assert checkpoint_problem(ckpt.root / "step-00000003").startswith("manifest.json is missing")
     with pytest.warns(UserWarning) as warned:
         assert ckpt.latest().name == "step-00000001"
     messages = " ".join(str(w.message) for w in warned)

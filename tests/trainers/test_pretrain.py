@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import llmstack.trainers.pretrain as pretrain_mod
 from llmstack.config import PretrainConfig, load_config
 from llmstack.tracking.metrics import MetricsLog
-from llmstack.trainers.base import Checkpointer, NonFiniteLossError, checkpoint_problem
+from llmstack.trainers.base import NonFiniteLossError
+from llmstack.trainers.checkpoint import Checkpointer, checkpoint_problem
 from llmstack.trainers.pretrain import pretrain
 
 from helpers import assert_same_params, assert_same_updates, initial_params, params  # noqa: E402  (tests/trainers)
