@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from llmstack.config.loading import ConfigError, option
+from llmstack.config.paths import overwrite_option
 
 RuleName = Literal["gutenberg", "pii", "paragraphs", "language", "c4", "gopher_quality", "gopher_repetition",
                    "wordlist", "exact_dedup", "near_dedup"]
@@ -206,6 +207,7 @@ class CurateConfig:
 
     output_dir: str = option("runs/curate", "Run directory: data/ (the kept documents), curation.json, "
                              "CURATION.md, record.json. A finished run there is not redone.")
+    overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed for the audit's samples, the MinHash permutations and 'synthetic-noisy'.", ge=0)
     data: CurateDataConfig = option(default_factory=CurateDataConfig)
     rules: RulesConfig = option(default_factory=RulesConfig)

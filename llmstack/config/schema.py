@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from llmstack.config.curate import CurateConfig
 from llmstack.config.loading import ConfigError, option
+from llmstack.config.paths import PREVIOUS, overwrite_option
 
 Kernels = Literal["auto", "reference", "fused"]
 
@@ -87,6 +88,7 @@ class PretrainConfig:
     """Causal-LM pretraining: a model learns to continue text."""
 
     output_dir: str = option("runs/pretrain", "Run directory; re-running on it resumes.")
+    overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed for initialisation, data order and the held-out split.", ge=0)
     model: ModelConfig = option(default_factory=ModelConfig)
     data: DataConfig = option(default_factory=DataConfig)
@@ -139,6 +141,7 @@ class SFTConfig:
     """Supervised fine-tuning: a pretrained model learns to answer, with the loss on the answers only."""
 
     output_dir: str = option("runs/sft", "Run directory; re-running on it resumes.")
+    overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
     kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
@@ -168,6 +171,7 @@ class RewardConfig:
     """Reward modelling: a model learns to score the responses people preferred higher."""
 
     output_dir: str = option("runs/reward", "Run directory; re-running on it resumes.")
+    overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed for the score head, data order and the held-out split.", ge=0)
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
     data: PreferenceDataConfig = option(default_factory=PreferenceDataConfig)
@@ -199,6 +203,7 @@ class DPOConfig:
     itself (the reference)."""
 
     output_dir: str = option("runs/dpo", "Run directory; re-running on it resumes.")
+    overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
     kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
@@ -290,6 +295,7 @@ class PPOConfig:
     """PPO with a KL penalty: the SFT policy learns to score higher under the reward model."""
 
     output_dir: str = option("runs/ppo", "Run directory; re-running on it resumes.")
+    overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed for sampling, minibatch order and prompt order.", ge=0)
     kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
@@ -342,9 +348,6 @@ class GRPOConfig(PPOConfig):
                                                                   kl_coef=0.04, kl_target=None, epochs=1))
 
 
-PREVIOUS = "previous"  # a model path meaning "the previous pipeline stage's model/"
-
-
 def _from_previous(cls):
     """A stage's defaults, starting from the previous pipeline stage's model (and, for RL, reward model)."""
     def build():
@@ -365,6 +368,7 @@ class PipelineConfig:
     the evidence. configs/tiny/pipeline.yaml is the built-in tiny run (the main job, `make run`)."""
 
     output_dir: str = option("runs/pipeline", "Pipeline directory; each stage runs in a folder inside it.")
+    overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed given to every stage.", ge=0)
     curate: CurateConfig = option(default_factory=CurateConfig)
     pretrain: PretrainConfig = option(default_factory=lambda: PretrainConfig(data=DataConfig(train=PREVIOUS)))

@@ -36,6 +36,7 @@ from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, Upda
                                          score, update, write_samples)
 from llmstack.trainers.run import Run, close_run, open_run
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 
 def build_models(cfg: PPOConfig, tokenizer) -> tuple[RLModels, object]:
@@ -217,6 +218,7 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
     return step
 
 
+@owns_output_dir
 def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
         reward_funcs: dict[str, Callable] | None = None, callbacks=()) -> LoopResult | None:
     """Train (or resume) a policy with the RL loop (PPO, GRPO, RLOO, REINFORCE++ by `ppo.estimator`); returns

@@ -20,6 +20,7 @@ from llmstack.trainers.run import Run, open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 
 def lm_objective(kernels: KernelPlan) -> SupervisedObjective:
@@ -93,6 +94,7 @@ def prepare_model(cfg: PretrainConfig, tokenizer):
     return model
 
 
+@owns_output_dir
 def pretrain(cfg: PretrainConfig, callbacks=()) -> LoopResult | None:
     """Train (or resume) a causal LM as configured; returns None when the run directory was already finished."""
     run = open_run(cfg, "pretrain", callbacks)

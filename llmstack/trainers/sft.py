@@ -28,6 +28,7 @@ from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 
 def _sft_loss_sum(model, batch: dict, kernels: KernelPlan) -> torch.Tensor:
@@ -74,6 +75,7 @@ def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: i
     return write
 
 
+@owns_output_dir
 def sft(cfg: SFTConfig, callbacks=()) -> LoopResult | None:
     """Fine-tune (or resume) as configured; returns None when the run directory was already finished."""
     run = open_run(cfg, "sft", callbacks)
