@@ -16,6 +16,7 @@ import math
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from llmstack.models.causal_lm import unloadable
 from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
 from llmstack.rl.experience import join
 
@@ -24,8 +25,11 @@ def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code
     """A one-label sequence classifier; a new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et
     al. 2019, so early rewards are near zero and the backbone's features dominate the first updates. Value
     models are loaded the same way (they start from a reward model, or a policy)."""
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32,
-                                                               trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32,
+                                                                   trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise unloadable("reward or value model", name_or_path, err) from err
     model.config.pad_token_id = tokenizer.pad_token_id
     if not any(a.endswith("ForSequenceClassification") for a in getattr(model.config, "architectures", None) or []):
         generator = torch.Generator().manual_seed(seed)

@@ -101,6 +101,8 @@ def pretrain(cfg: PretrainConfig, callbacks=()) -> LoopResult | None:
     if run.finished:
         return None
     acc = run.accelerator
+    if not cfg.model.name_or_path:  # before a tokenizer is trained for it
+        causal_lm.preset_config(cfg.model.preset, cfg.model.vocab_size, cfg.data.block_size)
     tokenizer = prepare_tokenizer(cfg, run)
     batches, held_out, data_facts = prepare_data(cfg, tokenizer, acc.process_index, acc.num_processes)
     model = prepare_model(cfg, tokenizer)
