@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         if len(argv) != 2:
             print("usage: llmstack report RUN_DIR", file=sys.stderr)
             sys.exit(2)
-        print(format_lineage(lineage(argv[1])))
+        try:
+            print(format_lineage(lineage(argv[1])))
+        except (OSError, ValueError) as err:
+            sys.exit(report_error("report", err, 2 if isinstance(err, FileNotFoundError) else 1))
         sys.exit(0)
     if stage not in STAGES:
         close = difflib.get_close_matches(stage, STAGES, n=1)

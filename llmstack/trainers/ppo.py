@@ -218,6 +218,17 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
     return step
 
 
+def _named_metrics(cfg: PPOConfig) -> dict[str, MetricFn]:
+    """The functions the config names (metrics, reward_funcs), imported before any work so a misspelt one
+    fails at start-up; returns the metrics by name."""
+    try:
+        for spec in cfg.reward_funcs:
+            reward_function(spec, cfg.rollout.max_new_tokens)
+        return {path.rpartition(":")[2]: import_callable(path, "metrics") for path in cfg.metrics}
+    except ValueError as err:  # rl/ knows no ConfigError; its message already names the key
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
+
+
 @owns_output_dir
 def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
         reward_funcs: dict[str, Callable] | None = None, callbacks=()) -> LoopResult | None:
@@ -226,7 +237,7 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
     per response) are logged at every step, beside the functions named in `cfg.metrics`; `reward_funcs`
     (name -> f(prompts, completions, **columns) -> one value per completion) are reward sources beside those
     the config names."""
-    metrics = {**{path.rpartition(":")[2]: import_callable(path, "metrics") for path in cfg.metrics}, **(metrics or {})}
+    metrics = {**_named_metrics(cfg), **(metrics or {})}
     run = open_run(cfg, "ppo" if cfg.ppo.estimator == "gae" else cfg.ppo.estimator, callbacks)
     if run.finished:
         return None

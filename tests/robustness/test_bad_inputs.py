@@ -115,6 +115,10 @@ CONFIG = [
          "'model.tokenizer': no such file or directory: ./tok"),
     Case("dataset-name-offline", "sft", run_args("data.train=my_corpus"), 2,
          "my_corpus: not a local file or directory, and `datasets` could not load it"),
+    Case("metric-not-importable", "ppo", run_args("reward_model.name_or_path={policy}", "metrics=[nope_mod:fn]"), 2,
+         "config key 'metrics': cannot import module 'nope_mod'"),
+    Case("reward-function-not-importable", "grpo", run_args("reward_funcs=[llmstack.cli:no_such_fn]"), 2,
+         "'llmstack.cli' has no function 'no_such_fn'"),
     Case("pipeline-late-stage-path", "pipeline", ["output_dir=run", "sft.data.train=./chats.jsonl"], 2,
          "'sft.data.train': no such file or directory"),
 ]
@@ -411,6 +415,14 @@ def test_debug_switch_adds_the_traceback(tmp_path, capsys, monkeypatch, offline)
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
     assert len(error_lines("pretrain", err)) == 1
+
+
+def test_report_of_a_directory_without_a_run(tmp_path, capsys, offline):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["report", str(tmp_path / "nowhere")])
+    lines = error_lines("report", capsys.readouterr().err)
+    assert stop.value.code == 2 and len(lines) == 1
+    assert "nowhere holds no record.json: not an llmstack run directory" in lines[0]
 
 
 def test_unfinished_curation_removes_only_the_shards_its_record_lists(tmp_path, capsys, monkeypatch, offline):
