@@ -103,7 +103,7 @@ def describe_error(err: BaseException) -> str:
     """One line saying what went wrong: llmstack's own errors as they are, others with their type, and the
     file-system errors a user can act on (a full disk, a read-only or forbidden path) named as such."""
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted (Ctrl-C) before training started; nothing was lost"
+        return "interrupted (Ctrl-C twice, or before training started); re-run the same command to resume"
     if isinstance(err, OSError) and err.errno in FILE_SYSTEM_ERRORS:
         what, todo = FILE_SYSTEM_ERRORS[err.errno]
         return f"{what}" + (f": {err.filename}" if err.filename else "") + f"; {todo}"
