@@ -26,6 +26,7 @@ from llmstack.trainers.ppo import ppo
 from llmstack.trainers.pretrain import pretrain
 from llmstack.trainers.reward import reward
 from llmstack.trainers.sft import sft
+from llmstack.tracking.run_dir import owns_output_dir
 
 STAGES = (("curate", curate), ("pretrain", pretrain), ("sft", sft), ("reward", reward))
 # whose model/ a stage's 'previous' means: the reward model and every route's policy start from SFT
@@ -47,9 +48,11 @@ def route_config(cfg: PipelineConfig, route: str):
     return dpo, cfg.dpo
 
 
-def _wired(cfg, root: Path, name: str, seed: int):
-    """A stage's config with its run directory, seed and 'previous' model paths filled in."""
-    changes = {"output_dir": str(root / name), "seed": seed}
+def _wired(cfg, root: Path, name: str, seed: int, overwrite: bool = False):
+    """A stage's config with its run directory, seed and 'previous' model paths filled in; `overwrite` (the
+    pipeline's overwrite_output_dir) carries over to every stage."""
+    changes = {"output_dir": str(root / name), "seed": seed,
+               "overwrite_output_dir": overwrite or cfg.overwrite_output_dir}
     if name == "pretrain" and cfg.data.train == PREVIOUS:
         changes["data"] = dataclasses.replace(cfg.data, train=str(root / "curate" / "data"))
     model = getattr(cfg, "model", None)
@@ -62,6 +65,7 @@ def _wired(cfg, root: Path, name: str, seed: int):
     return dataclasses.replace(cfg, **changes)
 
 
+@owns_output_dir
 def pipeline(cfg: PipelineConfig):
     """Run every stage that has not finished yet, then write REPORT.md; returns the last stage's result
     (None when every stage had already finished), or the interrupted stage's result."""
@@ -71,7 +75,7 @@ def pipeline(cfg: PipelineConfig):
     result = None
     for name, run_stage, stage_cfg in runs:
         log.info(f"pipeline: stage {name} in {root / name}")
-        result = run_stage(_wired(stage_cfg, root, name, cfg.seed))
+        result = run_stage(_wired(stage_cfg, root, name, cfg.seed, cfg.overwrite_output_dir))
         if result is not None and not result.completed:
             return result
     print(write_report(root, cfg))

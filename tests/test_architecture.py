@@ -20,7 +20,7 @@ LAYERS = [
     {"llmstack.data", "llmstack.models"},
     {"llmstack.evaluation"},
     {"llmstack.trainers"},
-    {"llmstack.pipeline", "llmstack.cli", "llmstack.api"},
+    {"llmstack.pipeline", "llmstack.cli", "llmstack.api", "llmstack.smoke"},
 ]
 STAGE_MODULES = {"pretrain", "sft", "reward", "ppo", "dpo"}
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from llmstack.config.limits import COUNT_MAX, SEED_MAX, SHARDS_MAX
 from llmstack.config.loading import ConfigError, option
+from llmstack.config.paths import overwrite_option
 
 RuleName = Literal["gutenberg", "pii", "paragraphs", "language", "c4", "gopher_quality", "gopher_repetition",
                    "wordlist", "exact_dedup", "near_dedup"]
@@ -32,9 +34,10 @@ class CurateDataConfig:
                         "or 'synthetic-noisy[:N]' (the built-in corpus with planted noise, seeded by `seed`).")
     text_field: str = option("text", "Field holding the text in JSON/Parquet records.")
     id_field: str = option("id", "Field holding a record's id; records without it are named by file and line.")
-    shard_index: int = option(0, "This node's shard when the input is split over nodes.", ge=0)
+    shard_index: int = option(0, "This node's shard when the input is split over nodes.", ge=0, le=SHARDS_MAX)
     num_shards: int = option(1, "Nodes the input is split over: files are dealt round-robin (records, for a "
-                             "`datasets` name). Deduplication then covers one shard; see the curate module.", ge=1)
+                             "`datasets` name). Deduplication then covers one shard; see the curate module.",
+                             ge=1, le=SHARDS_MAX)
 
     def validate(self, prefix: str) -> None:
         if self.shard_index >= self.num_shards:
@@ -59,7 +62,7 @@ class PIIRule:
 class ParagraphsRule:
     min_words: int = option(200, "Split each document at blank lines into passages of whole paragraphs with at "
                             "least this many words (a short tail joins the passage before it); 0: one passage "
-                            "per paragraph. Lines wrapped inside a paragraph are joined.", ge=0)
+                            "per paragraph. Lines wrapped inside a paragraph are joined.", ge=0, le=COUNT_MAX)
 
 
 @dataclass
@@ -74,21 +77,21 @@ class LanguageRule:
 class C4Rule:
     terminal_punctuation: bool = option(True, "Drop lines that do not end in . ! ? or a closing quote, and lines "
                                         "ending in an ellipsis.")
-    min_words_per_line: int = option(3, "Drop lines with fewer words.", ge=0)
-    max_word_length: int = option(1000, "Drop lines holding a longer word (characters).", ge=1)
+    min_words_per_line: int = option(3, "Drop lines with fewer words.", ge=0, le=COUNT_MAX)
+    max_word_length: int = option(1000, "Drop lines holding a longer word (characters).", ge=1, le=COUNT_MAX)
     boilerplate: list[str] = option(default_factory=lambda: ["javascript", "terms of use", "privacy policy",
                                                              "cookie policy", "uses cookies", "use of cookies",
                                                              "use cookies"],
                                     help="Drop lines containing any of these phrases (case-insensitive).")
-    min_sentences: int = option(5, "Drop documents with fewer sentences left after the line rules.", ge=0)
+    min_sentences: int = option(5, "Drop documents with fewer sentences left after the line rules.", ge=0, le=COUNT_MAX)
     curly_bracket: bool = option(True, "Drop documents containing { or } (code, templates).")
     lorem_ipsum: bool = option(True, "Drop documents containing 'lorem ipsum' (placeholder text).")
 
 
 @dataclass
 class GopherQualityRule:
-    min_words: int = option(50, "Fewest words (holding a letter or digit).", ge=0)
-    max_words: int = option(100_000, "Most words.", ge=1)
+    min_words: int = option(50, "Fewest words (holding a letter or digit).", ge=0, le=COUNT_MAX)
+    max_words: int = option(100_000, "Most words.", ge=1, le=COUNT_MAX)
     min_mean_word_length: float = option(3.0, "Shortest mean word length (characters).", ge=0.0)
     max_mean_word_length: float = option(10.0, "Longest mean word length (characters).", gt=0.0)
     max_symbol_word_ratio: float = option(0.1, "Most '#' per word, and most ellipses per word.", ge=0.0)
@@ -96,7 +99,7 @@ class GopherQualityRule:
     max_ellipsis_lines: float = option(0.3, "Largest share of lines ending in an ellipsis.", ge=0.0, le=1.0)
     min_alpha_words: float = option(0.8, "Smallest share of words holding a letter.", ge=0.0, le=1.0)
     min_stop_words: int = option(2, "Fewest distinct English stop words (the, be, to, of, and, that, have, "
-                                 "with); 0 turns the check off for other languages.", ge=0)
+                                 "with); 0 turns the check off for other languages.", ge=0, le=8)
 
     def validate(self, prefix: str) -> None:
         if self.min_words > self.max_words:
@@ -134,7 +137,7 @@ class GopherRepetitionRule:
 class WordListRule:
     path: str | None = option(None, "Word list file: one word or phrase per line, '#' starts a comment. Matched "
                               "as whole words, case-insensitive. Required when 'wordlist' is in rules.order.")
-    min_matches: int = option(1, "Drop documents with at least this many matches.", ge=1)
+    min_matches: int = option(1, "Drop documents with at least this many matches.", ge=1, le=COUNT_MAX)
 
 
 @dataclass
@@ -146,10 +149,10 @@ class ExactDedupRule:
 class NearDedupRule:
     threshold: float = option(0.8, "Jaccard similarity of word n-gram sets above which a document is a "
                               "near-duplicate of an earlier kept one.", gt=0.0, le=1.0)
-    ngram: int = option(5, "Words per shingle.", ge=1)
-    num_perm: int = option(128, "MinHash permutations (4 bytes each of index state per kept document).", ge=2)
+    ngram: int = option(5, "Words per shingle.", ge=1, le=1024)
+    num_perm: int = option(128, "MinHash permutations (4 bytes each of index state per kept document).", ge=2, le=4096)
     bands: int = option(16, "LSH bands (num_perm / bands rows each); more bands find more candidates, each "
-                        "checked against the threshold.", ge=1)
+                        "checked against the threshold.", ge=1, le=4096)
 
     def validate(self, prefix: str) -> None:
         if self.num_perm % self.bands:
@@ -206,11 +209,13 @@ class CurateConfig:
 
     output_dir: str = option("runs/curate", "Run directory: data/ (the kept documents), curation.json, "
                              "CURATION.md, record.json. A finished run there is not redone.")
-    seed: int = option(0, "Seed for the audit's samples, the MinHash permutations and 'synthetic-noisy'.", ge=0)
+    overwrite_output_dir: bool = overwrite_option()
+    seed: int = option(0, "Seed for the audit's samples, the MinHash permutations and 'synthetic-noisy'.",
+                       ge=0, le=SEED_MAX)
     data: CurateDataConfig = option(default_factory=CurateDataConfig)
     rules: RulesConfig = option(default_factory=RulesConfig)
-    workers: int = option(1, "Processes that evaluate the rules; results are identical for any number.", ge=1)
+    workers: int = option(1, "Processes that evaluate the rules; results are identical for any number.", ge=1, le=1024)
     format: Literal["jsonl", "parquet"] = option("jsonl", "Format of the kept documents ({'id', 'text'} rows).")
-    shard_size: int = option(100_000, "Documents per output file.", ge=1)
+    shard_size: int = option(100_000, "Documents per output file.", ge=1, le=COUNT_MAX)
     audit_samples: int = option(5, "Removed documents (and changed lines) kept per rule as examples in the "
-                                "audit, drawn uniformly from all of them.", ge=0)
+                                "audit, drawn uniformly from all of them.", ge=0, le=10_000)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from llmstack.config.curate import CurateConfig
+from llmstack.config.limits import BATCH_MAX, COUNT_MAX, SEED_MAX, TOKENS_MAX, VOCAB_MAX
 from llmstack.config.loading import ConfigError, option
+from llmstack.config.paths import PREVIOUS, overwrite_option
 
 Kernels = Literal["auto", "reference", "fused"]
 
@@ -25,7 +27,7 @@ class ModelConfig:
     gguf_file: str | None = option(None, "GGUF file inside name_or_path to load (dequantised to torch).")
     tokenizer: str | None = option(None, "Tokenizer name or directory. Default: the model's own; for a preset, a "
                                    "byte-level BPE trained on data.train.")
-    vocab_size: int = option(4096, "Vocabulary size of a tokenizer trained for a preset model.", ge=259)
+    vocab_size: int = option(4096, "Vocabulary size of a tokenizer trained for a preset model.", ge=259, le=VOCAB_MAX)
     trust_remote_code: bool = option(False, "Run model code shipped with a Hub repository (off: it executes "
                                      "arbitrary code).")
 
@@ -44,7 +46,8 @@ class DataConfig:
     eval: str | None = option(None, "Held-out data in the same forms; default: a slice of data.train "
                               "(data.eval_fraction).")
     text_field: str = option("text", "Field holding the text in JSON/Parquet records.")
-    block_size: int = option(256, "Tokens per training sequence (documents are packed into blocks).", ge=8)
+    block_size: int = option(256, "Tokens per training sequence (documents are packed into blocks).",
+                             ge=8, le=TOKENS_MAX)
     eval_fraction: float = option(0.05, "Share of packed blocks held out for validation when data.eval is "
                                   "not set.", ge=0.0, le=0.5)
     streaming: bool = option(False, "Stream data.train instead of tokenising it into memory (for corpora "
@@ -53,13 +56,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = option(300, "Optimiser steps to train for.", ge=1)
-    batch_size: int = option(16, "Sequences per device per micro-batch.", ge=1)
-    grad_accum: int = option(1, "Micro-batches accumulated per optimiser step.", ge=1)
+    max_steps: int = option(300, "Optimiser steps to train for.", ge=1, le=COUNT_MAX)
+    batch_size: int = option(16, "Sequences per device per micro-batch.", ge=1, le=BATCH_MAX)
+    grad_accum: int = option(1, "Micro-batches accumulated per optimiser step.", ge=1, le=BATCH_MAX)
     lr: float = option(3e-3, "Peak learning rate.", gt=0.0, le=1.0)
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Decay after warm-up.")
     warmup_steps: int = option(30, "Linear warm-up steps from 0 to train.lr; at most a tenth of train.max_steps "
-                               "is used when it would leave no decay (a warning says so).", ge=0)
+                               "is used when it would leave no decay (a warning says so).", ge=0, le=COUNT_MAX)
     min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of train.lr (cosine/linear).",
                                  ge=0.0, le=1.0)
     weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to biases and norms).", ge=0.0)
@@ -67,11 +70,12 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", ge=0.0)
     precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Mixed precision for forward/backward; "
                                                         "weights and optimiser state stay fp32. fp16 needs CUDA.")
-    log_every: int = option(10, "Write metrics.jsonl and trackers every N steps.", ge=1)
-    eval_every: int = option(100, "Evaluate on held-out data every N steps (and at the end); 0 disables.", ge=0)
-    eval_batches: int = option(20, "Cap on evaluation micro-batches per process; 0 evaluates all.", ge=0)
-    save_every: int = option(100, "Write a resumable checkpoint every N steps (and at the end).", ge=1)
-    keep_last: int = option(2, "Checkpoints kept on disk; older ones are deleted.", ge=1)
+    log_every: int = option(10, "Write metrics.jsonl and trackers every N steps.", ge=1, le=COUNT_MAX)
+    eval_every: int = option(100, "Evaluate on held-out data every N steps (and at the end); 0 disables.",
+                             ge=0, le=COUNT_MAX)
+    eval_batches: int = option(20, "Cap on evaluation micro-batches per process; 0 evaluates all.", ge=0, le=COUNT_MAX)
+    save_every: int = option(100, "Write a resumable checkpoint every N steps (and at the end).", ge=1, le=COUNT_MAX)
+    keep_last: int = option(2, "Checkpoints kept on disk; older ones are deleted.", ge=1, le=COUNT_MAX)
     report_to: list[str] = option(default_factory=list, help="Extra trackers: tensorboard, wandb.")
     peak_tflops: float | None = option(None, "Per-device peak TFLOP/s for MFU; default: a datasheet table for "
                                        "known GPUs, a measured GEMM on CPU.", gt=0.0)
@@ -87,7 +91,8 @@ class PretrainConfig:
     """Causal-LM pretraining: a model learns to continue text."""
 
     output_dir: str = option("runs/pretrain", "Run directory; re-running on it resumes.")
-    seed: int = option(0, "Seed for initialisation, data order and the held-out split.", ge=0)
+    overwrite_output_dir: bool = overwrite_option()
+    seed: int = option(0, "Seed for initialisation, data order and the held-out split.", ge=0, le=SEED_MAX)
     model: ModelConfig = option(default_factory=ModelConfig)
     data: DataConfig = option(default_factory=DataConfig)
     train: TrainConfig = option(default_factory=TrainConfig)
@@ -105,7 +110,8 @@ class ChatDataConfig:
     messages_field: str = option("messages", "Field holding a list of {role, content} messages.")
     prompt_field: str = option("prompt", "Field holding the prompt (text or messages) of prompt/completion records.")
     completion_field: str = option("completion", "Field holding the answer (text or messages).")
-    max_length: int = option(512, "Tokens per row; longer conversations are handled by data.overlong.", ge=16)
+    max_length: int = option(512, "Tokens per row; longer conversations are handled by data.overlong.",
+                             ge=16, le=TOKENS_MAX)
     overlong: Literal["truncate", "drop"] = option("truncate", "Cut conversations longer than data.max_length "
                                                    "from the right, or leave them out (counted either way).")
     packing: bool = option(True, "Put several conversations in one row with attention kept inside each.")
@@ -114,8 +120,8 @@ class ChatDataConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = option(False, "Train low-rank adapters (peft) instead of all weights.")
-    r: int = option(16, "Adapter rank.", ge=1)
-    alpha: int = option(32, "Adapter scale numerator (scale = alpha / r).", ge=1)
+    r: int = option(16, "Adapter rank.", ge=1, le=65_536)
+    alpha: int = option(32, "Adapter scale numerator (scale = alpha / r).", ge=1, le=1 << 20)
     dropout: float = option(0.0, "Dropout on the adapter input.", ge=0.0, le=0.9)
     target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                 "gate_proj", "up_proj", "down_proj"],
@@ -139,7 +145,8 @@ class SFTConfig:
     """Supervised fine-tuning: a pretrained model learns to answer, with the loss on the answers only."""
 
     output_dir: str = option("runs/sft", "Run directory; re-running on it resumes.")
-    seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
+    overwrite_output_dir: bool = overwrite_option()
+    seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0, le=SEED_MAX)
     kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
     data: ChatDataConfig = option(default_factory=ChatDataConfig)
@@ -147,8 +154,8 @@ class SFTConfig:
     lora: LoraConfig = option(default_factory=LoraConfig)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     sample_prompts: int = option(4, "Held-out prompts answered by greedy generation at every evaluation "
-                                 "(written to samples.jsonl).", ge=0)
-    sample_max_new_tokens: int = option(64, "Longest generated sample answer.", ge=1)
+                                 "(written to samples.jsonl).", ge=0, le=10_000)
+    sample_max_new_tokens: int = option(64, "Longest generated sample answer.", ge=1, le=TOKENS_MAX)
 
 
 @dataclass
@@ -160,7 +167,7 @@ class PreferenceDataConfig:
     format: Literal["auto", "hh", "oasst", "label_studio"] = option(
         "auto", "Record format: TRL's preference records and llmstack's rankings (README, Data formats), "
         "Anthropic HH dialogues, Open-Assistant trees, or a Label Studio pairwise export.")
-    max_length: int = option(512, "Tokens per prompt + response; longer ones keep their end.", ge=16)
+    max_length: int = option(512, "Tokens per prompt + response; longer ones keep their end.", ge=16, le=TOKENS_MAX)
 
 
 @dataclass
@@ -168,7 +175,8 @@ class RewardConfig:
     """Reward modelling: a model learns to score the responses people preferred higher."""
 
     output_dir: str = option("runs/reward", "Run directory; re-running on it resumes.")
-    seed: int = option(0, "Seed for the score head, data order and the held-out split.", ge=0)
+    overwrite_output_dir: bool = overwrite_option()
+    seed: int = option(0, "Seed for the score head, data order and the held-out split.", ge=0, le=SEED_MAX)
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None))
     data: PreferenceDataConfig = option(default_factory=PreferenceDataConfig)
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=10, max_steps=200,
@@ -189,8 +197,8 @@ class DPOSettings:
         "pairs", "A K-way ranking as all its implied pairs, the ranking weighed once, or as one Plackett-Luce "
         "likelihood of the whole order.")
     kl_prompts: int = option(16, "Held-out prompts answered by the policy at every evaluation to measure the "
-                             "KL to the reference (keeps the reference model loaded; 0 turns it off).", ge=0)
-    kl_max_new_tokens: int = option(32, "Longest answer sampled for the KL measurement.", ge=1)
+                             "KL to the reference (keeps the reference model loaded; 0 turns it off).", ge=0, le=10_000)
+    kl_max_new_tokens: int = option(32, "Longest answer sampled for the KL measurement.", ge=1, le=TOKENS_MAX)
 
 
 @dataclass
@@ -199,7 +207,8 @@ class DPOConfig:
     itself (the reference)."""
 
     output_dir: str = option("runs/dpo", "Run directory; re-running on it resumes.")
-    seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0)
+    overwrite_output_dir: bool = overwrite_option()
+    seed: int = option(0, "Seed for data order, the held-out split and adapter initialisation.", ge=0, le=SEED_MAX)
     kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
                                 help="The SFT policy; also the frozen reference.")
@@ -218,7 +227,8 @@ class PromptDataConfig:
                         "with a gold reward).")
     prompt_field: str = option("prompt", "Field holding the prompt.")
     messages_field: str = option("messages", "Field holding a conversation to continue.")
-    max_prompt_length: int = option(256, "Prompts longer than this (in tokens) keep their last tokens.", ge=8)
+    max_prompt_length: int = option(256, "Prompts longer than this (in tokens) keep their last tokens.",
+                                    ge=8, le=TOKENS_MAX)
     ptx: str | None = option(None, "Pretraining text mixed into the policy updates when ppo.ptx_coef > 0, in "
                              "the forms pretraining takes.")
 
@@ -234,8 +244,8 @@ class RolloutConfig:
 
     engine: Literal["hf"] = option("hf", "Generation engine (llmstack.models.engines): 'hf' is Hugging Face "
                                    "generate with its KV cache, reading the policy's weights directly.")
-    batch_size: int = option(16, "Prompts per process per RL step (one rollout).", ge=1)
-    max_new_tokens: int = option(32, "Longest response.", ge=1)
+    batch_size: int = option(16, "Prompts per process per RL step (one rollout).", ge=1, le=BATCH_MAX)
+    max_new_tokens: int = option(32, "Longest response.", ge=1, le=TOKENS_MAX)
     temperature: float = option(1.0, "Sampling temperature, also used when log-probabilities are recomputed.",
                                 gt=0.0)
     top_p: float = option(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
@@ -262,7 +272,7 @@ class PPOSettings:
         "token_mean", "How the policy's per-token losses become one (llmstack.rl.aggregation): the global token "
         "mean, each response's mean then the batch mean (original GRPO), or the token sum over sequences x "
         "rollout.max_new_tokens (Dr. GRPO).")
-    epochs: int = option(2, "Passes over each rollout.", ge=1)
+    epochs: int = option(2, "Passes over each rollout.", ge=1, le=10_000)
     clip: float = option(0.2, "Policy ratio clip epsilon.", gt=0.0, le=1.0)
     value_clip: float = option(0.2, "Value clip around the rollout's values.", gt=0.0)
     value_lr: float = option(1e-4, "Learning rate of the value model.", gt=0.0)
@@ -274,7 +284,7 @@ class PPOSettings:
     kl_coef: float = option(0.05, "KL coefficient (the start value when ppo.kl_target is set).", ge=0.0)
     kl_target: float | None = option(6.0, "Target KL per sequence for the adaptive controller; null keeps "
                                      "ppo.kl_coef fixed.", gt=0.0)
-    kl_horizon: int = option(10000, "Adaptive controller horizon in samples.", ge=1)
+    kl_horizon: int = option(10000, "Adaptive controller horizon in samples.", ge=1, le=COUNT_MAX)
     missing_eos_penalty: float | None = option(None, "Subtracted from the score of responses cut at "
                                                "rollout.max_new_tokens without EOS.", ge=0.0)
     normalize_rewards: bool = option(True, "Scale scores with the reward model's stored reward_mean/std.")
@@ -290,7 +300,8 @@ class PPOConfig:
     """PPO with a KL penalty: the SFT policy learns to score higher under the reward model."""
 
     output_dir: str = option("runs/ppo", "Run directory; re-running on it resumes.")
-    seed: int = option(0, "Seed for sampling, minibatch order and prompt order.", ge=0)
+    overwrite_output_dir: bool = overwrite_option()
+    seed: int = option(0, "Seed for sampling, minibatch order and prompt order.", ge=0, le=SEED_MAX)
     kernels: Kernels = _kernels_option()
     model: ModelConfig = option(default_factory=lambda: ModelConfig(preset=None),
                                 help="The SFT policy; also the frozen reference.")
@@ -305,7 +316,7 @@ class PPOConfig:
                                                                     log_every=1, eval_every=0))
     rollout: RolloutConfig = option(default_factory=RolloutConfig)
     ppo: PPOSettings = option(default_factory=PPOSettings)
-    samples_per_step: int = option(4, "Rows appended to samples.jsonl at every logging step.", ge=0)
+    samples_per_step: int = option(4, "Rows appended to samples.jsonl at every logging step.", ge=0, le=10_000)
     metrics: list[str] = option(default_factory=list, help="Functions logged at every step, each named "
                                 "'package.module:function' and called as f(prompts, completions) -> one number "
                                 "per response (e.g. llmstack.evaluation.builtin_task:gold_reward).")
@@ -348,9 +359,6 @@ class GRPOConfig(PPOConfig):
                                                                   kl_coef=0.04, kl_target=None, epochs=1))
 
 
-PREVIOUS = "previous"  # a model path meaning "the previous pipeline stage's model/"
-
-
 def _from_previous(cls):
     """A stage's defaults, starting from the previous pipeline stage's model (and, for RL, reward model)."""
     def build():
@@ -371,7 +379,8 @@ class PipelineConfig:
     the evidence. configs/tiny/pipeline.yaml is the built-in tiny run (the main job, `make run`)."""
 
     output_dir: str = option("runs/pipeline", "Pipeline directory; each stage runs in a folder inside it.")
-    seed: int = option(0, "Seed given to every stage.", ge=0)
+    overwrite_output_dir: bool = overwrite_option()
+    seed: int = option(0, "Seed given to every stage.", ge=0, le=SEED_MAX)
     curate: CurateConfig = option(default_factory=CurateConfig)
     pretrain: PretrainConfig = option(default_factory=lambda: PretrainConfig(data=DataConfig(train=PREVIOUS)))
     sft: SFTConfig = option(default_factory=_from_previous(SFTConfig))

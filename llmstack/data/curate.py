@@ -44,6 +44,7 @@ from llmstack.data import sources
 from llmstack.data.curation import Audit, Pipeline, evaluate
 from llmstack.data.curation.report import render
 from llmstack.tracking.record import RunRecord, file_sha256, write_json_atomic
+from llmstack.tracking.run_dir import RunDirError, owns_output_dir
 
 log = logging.getLogger("llmstack")
 NOISY = "synthetic-noisy"
@@ -131,8 +132,9 @@ class ShardWriter:
 
     ROW_GROUP = 2048  # Parquet rows buffered before a row group is written
 
-    def __init__(self, directory: Path, fmt: str, shard_size: int, prefix: str = ""):
+    def __init__(self, directory: Path, fmt: str, shard_size: int, prefix: str = "", before_open=None):
         self.directory, self.fmt, self.shard_size, self.prefix = directory, fmt, shard_size, prefix
+        self.before_open = before_open  # called with each file's path before it is created
         self.files: list[Path] = []
         self._in_file = 0
         self._handle = None
@@ -140,6 +142,8 @@ class ShardWriter:
 
     def _open(self) -> None:
         path = self.directory / f"{self.prefix}part-{len(self.files):05d}.{self.fmt}"
+        if self.before_open is not None:
+            self.before_open(path)
         self.files.append(path)
         if self.fmt == "jsonl":
             self._handle = open(path, "w", encoding="utf-8")
@@ -181,31 +185,61 @@ class ShardWriter:
         return self.files
 
 
-def _finished(out: Path) -> dict | None:
-    record, audit = out / "record.json", out / "curation.json"
-    if record.is_file() and audit.is_file() and json.loads(record.read_text()).get("status") == "finished":
-        return json.loads(audit.read_text())
-    return None
+def _previous_record(out: Path) -> dict:
+    path = out / "record.json"
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path} is not a readable run record ({err}); move it away, or choose another "
+                          "output_dir") from err
+    if record.get("stage") not in (None, "curate"):
+        raise RunDirError(f"output_dir {out} holds a {record.get('stage')} run; a curate run needs an output_dir "
+                          "of its own")
+    return record
 
 
+def _written_before(out: Path, record: dict) -> list[Path]:
+    """The shards an unfinished earlier attempt wrote, as its record lists them: the only files a new attempt
+    removes (never anything else in data/)."""
+    data_dir = (out / "data").resolve()
+    listed = record.get("outputs", {}).get("data", {}).get("files", [])
+    paths = [Path(f["path"]) for f in listed if isinstance(f, dict) and "path" in f]
+    return [p for p in paths if p.resolve().parent == data_dir and p.is_file()]
+
+
+@owns_output_dir
 def curate(cfg: CurateConfig) -> CurateResult:
     """Run the curation stage described by `cfg`; returns the kept files and the audit."""
     out = Path(cfg.output_dir)
-    done = _finished(out)
-    if done is not None:
+    previous = _previous_record(out)
+    if previous.get("status") == "finished" and (out / "curation.json").is_file():
         log.info(f"curate: {out} holds a finished run (record.json status 'finished'); nothing to do. "
                  "Use another output_dir to curate again.")
-        return CurateResult("finished", out, sorted((out / "data").glob(f"*.{cfg.format}")), done)
+        return CurateResult("finished", out, sorted((out / "data").glob(f"*.{cfg.format}")),
+                            json.loads((out / "curation.json").read_text()))
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    for stale in data_dir.glob("*part-*"):  # an unfinished run starts over
+    for stale in _written_before(out, previous):  # an unfinished run starts over
         stale.unlink()
     save_config(cfg, out / "config.yaml")
     record = RunRecord(out, "curate", to_dict(cfg), inputs={"train": describe_input(cfg.data, cfg.seed)},
                        parent=None)
     record.save()
+
+    def claim_file(path: Path) -> None:
+        """Listed in the record before it is created, so a later attempt knows it as its own."""
+        if path.exists() and not cfg.overwrite_output_dir:
+            raise RunDirError(f"{path} exists and was not written by this run; move it away, or set "
+                              "overwrite_output_dir=true to replace it")
+        written.append({"path": str(path)})
+        record.update(outputs={"data": {"dir": str(data_dir), "format": cfg.format, "files": written}})
+        record.save()
+
+    written: list[dict] = []
     try:
-        audit, files = _run(cfg, data_dir)
+        audit, files = _run(cfg, data_dir, claim_file)
     except BaseException as err:
         record.finish("interrupted" if isinstance(err, KeyboardInterrupt) else f"failed: {err}")
         raise
@@ -234,14 +268,14 @@ def _skip_blank(docs: Iterator[tuple[str, str]], audit: Audit) -> Iterator[tuple
             audit.blank()
 
 
-def _run(cfg: CurateConfig, data_dir: Path) -> tuple[dict, list[Path]]:
+def _run(cfg: CurateConfig, data_dir: Path, claim_file) -> tuple[dict, list[Path]]:
     rules = cfg.rules.as_list()
     pipeline = Pipeline(rules, cfg.seed)  # built here too: bad parameters fail before workers start
     indexes = {i: rule.index() for i, rule in enumerate(pipeline.rules) if rule.kind == "dedup"}
     audit = Audit(pipeline.names, pipeline.kinds, [p for _, p in rules], indexes, cfg.audit_samples, cfg.seed)
     shards = cfg.data.num_shards
     writer = ShardWriter(data_dir, cfg.format, cfg.shard_size,
-                         f"shard-{cfg.data.shard_index:05d}-of-{shards:05d}-" if shards > 1 else "")
+                         f"shard-{cfg.data.shard_index:05d}-of-{shards:05d}-" if shards > 1 else "", claim_file)
     docs = _skip_blank(read_documents(cfg.data, cfg.seed), audit)
     start = last_log = time.perf_counter()
     try:

@@ -115,7 +115,13 @@ def to_group(record, where: str) -> PreferenceGroup:
     """A validated group from one pair or ranking record."""
     kind = record_type(record, where)
     annotator = record.get("annotator")
-    margin = float(record.get("margin") or 0.0)
+    margin = record.get("margin") or 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise DataError(f"{where}: field 'margin' must be a number, got {type(margin).__name__}")
+    if annotator is not None and not isinstance(annotator, (str, int)):
+        raise DataError(f"{where}: field 'annotator' must be a name or a number, got {type(annotator).__name__}")
+    annotator = None if annotator is None else str(annotator)
+    margin = float(margin)
     if kind == IMPLICIT_PREFERENCE:
         prompt, responses = _implicit(record["chosen"], record["rejected"], where)
         return PreferenceGroup(prompt, responses, [0, 1], annotator, margin, where)
@@ -189,10 +195,11 @@ def import_hh(spec: str) -> Iterator[PreferenceGroup]:
     The public release has a few unusable pairs (an empty answer, identical answers); they are skipped with
     a warning naming each one, since they say nothing about a preference."""
     for where, record in iter_records(spec):
+        prompt, chosen, rejected = (_field(record, name, where, "an HH pair", str, required=name != "prompt")
+                                    for name in ("prompt", "chosen", "rejected"))
         try:
-            prompt = record.get("prompt", "")
-            chosen = hh_to_messages(prompt + record["chosen"], f"{where}, field 'chosen'")
-            rejected = hh_to_messages(prompt + record["rejected"], f"{where}, field 'rejected'")
+            chosen = hh_to_messages((prompt or "") + chosen, f"{where}, field 'chosen'")
+            rejected = hh_to_messages((prompt or "") + rejected, f"{where}, field 'rejected'")
             if chosen[:-1] != rejected[:-1]:
                 raise DataError(f"{where}: the two dialogues differ before their last Assistant turn")
             yield to_group({"prompt": chosen[:-1], "chosen": chosen[-1]["content"],
@@ -201,25 +208,49 @@ def import_hh(spec: str) -> Iterator[PreferenceGroup]:
             log.warning(f"skipping an unusable HH pair: {err}")
 
 
+def _field(record, name: str, where: str, what: str, kind: type, required: bool = True):
+    """`record[name]`, checked to be a `kind`; None when it is absent and not `required`."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object ({what}), got {type(record).__name__}")
+    if name not in record:
+        if not required:
+            return None
+        raise DataError(f"{where}: missing field '{name}' of {what} (the record has: {', '.join(record) or 'nothing'})")
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        expected = {str: "text", dict: "an object", list: "a list", int: "an integer"}[kind]
+        raise DataError(f"{where}: field '{name}' of {what} must be {expected}, got {type(value).__name__}")
+    return value
+
+
 def import_oasst(spec: str, include_synthetic: bool = False) -> Iterator[PreferenceGroup]:
     """Open-Assistant message trees: every prompter message with two or more ranked assistant replies is a
     ranking of those replies, with the conversation up to it as the prompt. Ranks are the dataset's
     consensus ranks (0 best); the trees carry no annotator ids."""
     for where, record in iter_records(spec):
-        yield from _oasst_walk(record["prompt"], [], where, include_synthetic)
+        yield from _oasst_walk(_field(record, "prompt", where, "an Open-Assistant tree", dict), [], where,
+                               include_synthetic)
 
 
 def _oasst_walk(node: dict, path: list[dict], where: str, include_synthetic: bool) -> Iterator[PreferenceGroup]:
+    here = f"{where}, message {node.get('message_id', len(path))}"
     if node.get("synthetic") and not include_synthetic:
         return
-    role = "user" if node["role"] == "prompter" else "assistant"
-    path = path + [{"role": role, "content": node["text"]}]
-    replies = node.get("replies", [])
+    role = _field(node, "role", here, "an Open-Assistant message", str)
+    if role not in ("prompter", "assistant"):
+        raise DataError(f"{here}: field 'role' is {role!r}; Open-Assistant messages are 'prompter' or 'assistant'")
+    role = "user" if role == "prompter" else "assistant"
+    path = path + [{"role": role, "content": _field(node, "text", here, "an Open-Assistant message", str)}]
+    replies = _field(node, "replies", here, "an Open-Assistant message", list, required=False) or []
+    for i, reply in enumerate(replies):
+        if not isinstance(reply, dict):
+            raise DataError(f"{here}: field 'replies'[{i}] must be a message object, got {type(reply).__name__}")
     ranked = [r for r in replies if isinstance(r.get("rank"), int) and (include_synthetic or not r.get("synthetic"))]
     if role == "user" and len(ranked) >= 2:
         ranked.sort(key=lambda r: r["rank"])
-        yield to_group({"prompt": path, "responses": [r["text"] for r in ranked],
-                        "ranking": list(range(len(ranked)))}, f"{where}, message {node.get('message_id')}")
+        yield to_group({"prompt": path, "responses": [_field(r, "text", here, "an Open-Assistant reply", str)
+                                                      for r in ranked],
+                        "ranking": list(range(len(ranked)))}, here)
     for reply in replies:
         yield from _oasst_walk(reply, path, where, include_synthetic)
 
@@ -232,23 +263,42 @@ def import_label_studio(path: str | Path) -> Iterator[PreferenceGroup]:
         "annotations": [{"completed_by": 3, "result": [{"type": "pairwise", "value": {"selected": "left"}}]}]}]
     "left" prefers answer1, "right" answer2. Cancelled annotations and tasks without any are skipped.
     """
-    tasks = json.loads(Path(path).read_text())
-    for task in tasks:
-        where = f"{path}, task {task.get('id')}"
-        data = task.get("data", {})
-        missing = [k for k in ("prompt", "answer1", "answer2") if k not in data]
-        if missing:
-            raise DataError(f"{where}: field 'data' misses {', '.join(missing)}")
-        for annotation in task.get("annotations", []):
+    tasks = _label_studio_tasks(Path(path))
+    for index, task in enumerate(tasks):
+        where = f"{path}, task {task.get('id', index) if isinstance(task, dict) else index}"
+        data = _field(task, "data", where, "a Label Studio task", dict)
+        for key in ("prompt", "answer1", "answer2"):
+            _field(data, key, f"{where}, field 'data'", "a pairwise task", str)
+        annotations = _field(task, "annotations", where, "a Label Studio task", list, required=False) or []
+        for number, annotation in enumerate(annotations):
+            at = f"{where}, annotation {number}"
+            if not isinstance(annotation, dict):
+                raise DataError(f"{at}: expected an object, got {type(annotation).__name__}")
             if annotation.get("was_cancelled"):
                 continue
-            choice = next((r["value"].get("selected") for r in annotation.get("result", [])
-                           if r.get("type") == "pairwise"), None)
+            results = _field(annotation, "result", at, "a Label Studio annotation", list, required=False) or []
+            choice = next((r.get("value", {}).get("selected") for r in results
+                           if isinstance(r, dict) and r.get("type") == "pairwise" and isinstance(r.get("value"), dict)),
+                          None)
             if choice not in ("left", "right"):
-                raise DataError(f"{where}: annotation {annotation.get('id')} has no pairwise 'selected' value")
+                raise DataError(f"{at}: field 'result' has no pairwise 'value.selected' of 'left' or 'right'")
             first, second = (data["answer1"], data["answer2"]) if choice == "left" else (data["answer2"], data["answer1"])
             yield to_group({"prompt": data["prompt"], "chosen": first, "rejected": second,
                             "annotator": str(annotation.get("completed_by"))}, where)
+
+
+def _label_studio_tasks(path: Path) -> list:
+    if not path.is_file():
+        raise DataError(f"{path}: a Label Studio export is one JSON file; this is not a file")
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); export the tasks as JSON") from err
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); export the tasks as JSON") from err
+    if not isinstance(tasks, list):
+        raise DataError(f"{path}: expected a JSON array of Label Studio tasks, got {type(tasks).__name__}")
+    return tasks
 
 
 IMPORTERS = {"auto": iter_groups, "hh": import_hh, "oasst": import_oasst, "label_studio": import_label_studio}
@@ -259,13 +309,21 @@ def load_groups(train: str, eval: str | None, format: str, eval_fraction: float,
     """(training groups, held-out groups) read by the importer of `format`: `eval`'s when given, else a
     deterministic `eval_fraction` of `train` (`is_held_out`)."""
     read = IMPORTERS[format]
-    groups = list(read(train))
+    groups = _some(read(train), train, format)
     if eval:
-        return groups, list(read(eval))
+        return groups, _some(read(eval), eval, format)
     kept, held_out = [], []
     for index, group in enumerate(groups):
         (held_out if is_held_out(index, eval_fraction, seed) else kept).append(group)
     return kept, held_out
+
+
+def _some(groups: Iterator[PreferenceGroup], spec: str, format: str) -> list[PreferenceGroup]:
+    found = list(groups)
+    if not found:
+        raise DataError(f"{spec}: no usable preference records (data.format={format}); check that the file holds "
+                        "records and that data.format names their format")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------

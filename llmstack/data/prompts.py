@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from llmstack.data.formats import ChatFields, iter_prompt_records, prompt_ids
-from llmstack.data.sources import synthetic_count
+from llmstack.data.sources import DataError, synthetic_count
 
 
 @dataclass
@@ -41,6 +41,8 @@ def load_prompt_set(spec: str, fields: ChatFields, seed: int) -> tuple[list, dic
     for prompt, rest in iter_prompt_records(spec, fields):
         prompts.append(prompt)
         others.append(rest)
+    if not prompts:
+        raise DataError(f"{spec}: holds no prompts; give {{'{fields.prompt}'}} or {{'{fields.messages}'}} records")
     names = list(dict.fromkeys(name for rest in others for name in rest))
     return prompts, {name: [rest.get(name) for rest in others] for name in names}
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
 from llmstack.config import objects
+from llmstack.config.paths import looks_local
 from llmstack.tracking.record import file_sha256
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".txt.gz", ".jsonl.gz", ".json.gz")
@@ -51,6 +53,27 @@ def _text_of(record, field: str, where: str) -> str:
     return value
 
 
+def _readable(read):
+    """A file reader whose failures to read (bytes that are not UTF-8, a cut-off gzip, a damaged Parquet file,
+    a file it may not open) become a DataError naming the file."""
+    def reader(path: Path, *args):
+        try:
+            yield from read(path, *args)
+        except DataError:
+            raise
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a read block: {err.reason}); convert "
+                            "it to UTF-8") from err
+        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+            raise DataError(f"{path}: not a whole gzip file ({err}); re-create or re-download it") from err
+        except OSError as err:
+            raise DataError(f"{path}: cannot be read ({err.strerror or err})") from err
+        except ValueError as err:  # pyarrow's ArrowInvalid and its kin
+            raise DataError(f"{path}: not a readable {_kind(path)} file ({' '.join(str(err).split())})") from err
+    return reader
+
+
+@_readable
 def _file_records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) pairs of a JSONL, JSON or Parquet file; `where` names the file and the record."""
     kind = _kind(path)
@@ -96,7 +119,7 @@ def local_files(spec: str) -> list[Path]:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or _kind(Path(spec)) is not None
+    return looks_local(spec) or _kind(Path(spec)) is not None
 
 
 def _parse_dataset(spec: str) -> tuple[str, str | None, str]:
@@ -146,13 +169,22 @@ def iter_records(spec: str) -> Iterator[tuple[str, object]]:
                                 ".jsonl, .json or .parquet files")
             yield from _file_records(path)
     elif _looks_like_path(spec):
-        raise FileNotFoundError(f"data file or directory not found: {spec}")
+        raise DataError(f"{spec}: no such data file or directory; check the path")
     else:
-        import datasets
+        yield from _dataset_records(spec)
 
-        name, config, split = _parse_dataset(spec)
+
+def _dataset_records(spec: str) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    name, config, split = _parse_dataset(spec)
+    try:
         for index, record in enumerate(datasets.load_dataset(name, config, split=split, streaming=True)):
             yield f"{spec}, record {index}", record
+    except Exception as err:  # noqa: BLE001 - the Hub, the network and the loading script fail in many ways
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{spec}: not a local file or directory, and `datasets` could not load it as a dataset "
+                        f"name ({first}); check the name, or give a path (./{spec})") from err
 
 
 def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
@@ -184,12 +216,13 @@ def iter_document_parts(spec: str, text_field: str = "text") -> Iterator[tuple[s
         files = local_files(spec)
         return (part for path in files for part in _file_parts(path, text_field))
     elif _looks_like_path(spec):
-        raise FileNotFoundError(f"data file or directory not found: {spec}")
+        raise DataError(f"{spec}: no such data file or directory; check the path")
     else:
         docs = (_text_of(record, text_field, where) for where, record in iter_records(spec))
     return ((doc, True) for doc in docs if doc.strip())
 
 
+@_readable
 def _file_parts(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
     if not _kind(path).startswith(".txt"):
         texts = (_text_of(record, text_field, where) for where, record in _file_records(path))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
-from llmstack.config import objects
+from llmstack.config import ConfigError, objects
 from llmstack.models.heads import unwrap
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: str, vocab_size: int, max_positions: int, tokenizer=None) -> LlamaConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+        raise ConfigError(f"config key 'model.preset': unknown preset {name!r}; available: {', '.join(PRESETS)}")
     special = {}
     if tokenizer is not None:
         special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -73,9 +73,16 @@ def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
-        hint = ("it is not a local directory, and the Hub could not be reached (offline?)"
-                if not Path(name_or_path).exists() else "the directory has no loadable model")
-        raise OSError(f"cannot load model.name_or_path={name_or_path!r}: {hint}. {err}") from err
+        raise unloadable("model", name_or_path, err) from err
+
+
+def unloadable(what: str, name_or_path: str, err: Exception) -> ConfigError:
+    """One line for a model or tokenizer that cannot be loaded: a directory without one, or a name that is
+    neither on disk nor obtainable from the Hub."""
+    hint = ("it is not a local directory, and the Hub could not provide it (no such repository, or offline)"
+            if not Path(name_or_path).exists() else f"the directory holds no loadable {what}")
+    first = " ".join(str(err).split())[:300]
+    return ConfigError(f"cannot load a {what} from {name_or_path!r}: {hint}. {first}")
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -83,7 +90,10 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote
         tokenizer = objects.fresh_copy(name_or_path)  # a stage may set its pad token or chat template
     else:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError) as err:
+            raise unloadable("tokenizer", name_or_path, err) from err
     if tokenizer.pad_token is None:
         # Packed pretraining never pads inside a block; the final partial block needs some id.
         tokenizer.pad_token = tokenizer.eos_token
@@ -94,8 +104,8 @@ def check_vocab(model: PreTrainedModel, tokenizer) -> None:
     """Some Hub tokenizers add tokens beyond the model's embedding matrix; that fails later as an index error."""
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embed:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {n_embed}; "
-                         "use the model's own tokenizer or resize the model's embeddings first")
+        raise ConfigError(f"config key 'model.tokenizer': the tokenizer has {len(tokenizer)} tokens but the model "
+                          f"embeds only {n_embed}; use the model's own tokenizer or resize the model's embeddings first")
 
 
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:

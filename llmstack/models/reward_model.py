@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from llmstack.config import objects
+from llmstack.models.causal_lm import unloadable
 from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
 from llmstack.rl.experience import join
 
@@ -28,8 +29,11 @@ def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code
     if objects.is_memory(name_or_path):
         model = _classifier_from_object(objects.fresh_copy(name_or_path))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32,
-                                                                   trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise unloadable("reward or value model", name_or_path, err) from err
     model.config.pad_token_id = tokenizer.pad_token_id
     if not any(a.endswith("ForSequenceClassification") for a in getattr(model.config, "architectures", None) or []):
         generator = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from llmstack.config import ConfigError
 from llmstack.models import causal_lm
 from llmstack.trainers import distributed
 
@@ -32,8 +33,8 @@ class NonFiniteLossError(RuntimeError):
 def make_accelerator(precision: str, grad_accum: int, trackers: list[str], project_dir: str,
                      micro_batch: int | None = None, max_grad_norm: float = 0.0) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("train.precision=fp16 needs a CUDA device (it relies on loss scaling); "
-                         "use train.precision=bf16 or fp32 on CPU")
+        raise ConfigError("config key 'train.precision': fp16 needs a CUDA device (it relies on loss scaling); "
+                          "use train.precision=bf16 or fp32 on CPU")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = launched > 1 and not torch.cuda.is_available()

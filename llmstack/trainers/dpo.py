@@ -48,6 +48,7 @@ from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -169,6 +170,7 @@ def kl_reader(acc, cfg: DPOConfig, tokenizer, prompts: list, kernels: KernelPlan
     return read
 
 
+@owns_output_dir
 def dpo(cfg: DPOConfig, callbacks=()) -> LoopResult | None:
     """Train (or resume) a policy with DPO; returns None when the run directory was already finished."""
     run = open_run(cfg, "dpo", callbacks)

@@ -36,6 +36,7 @@ from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, Upda
                                          score, update, write_samples)
 from llmstack.trainers.run import Run, close_run, open_run
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 
 def build_models(cfg: PPOConfig, tokenizer) -> tuple[RLModels, object]:
@@ -225,6 +226,21 @@ def _named_metric(spec: str) -> tuple[str, MetricFn]:
     return spec.rpartition(":")[2], import_callable(spec, "metrics")
 
 
+def _named_metrics(cfg: PPOConfig) -> dict[str, MetricFn]:
+    """The functions the config names (metrics, reward_funcs), imported before any work so a misspelt one
+    fails at start-up; returns the metrics by name."""
+    try:
+        for spec in cfg.reward_funcs:
+            if objects.is_memory(spec):
+                objects.lookup(spec)
+            else:
+                reward_function(spec, cfg.rollout.max_new_tokens)
+        return dict(_named_metric(path) for path in cfg.metrics)
+    except (ValueError, LookupError) as err:  # rl/ knows no ConfigError; its message already names the key
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
+
+
+@owns_output_dir
 def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
         reward_funcs: dict[str, Callable] | None = None, callbacks=()) -> LoopResult | None:
     """Train (or resume) a policy with the RL loop (PPO, GRPO, RLOO, REINFORCE++ by `ppo.estimator`); returns
@@ -232,7 +248,7 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
     per response) are logged at every step, beside the functions named in `cfg.metrics`; `reward_funcs`
     (name -> f(prompts, completions, **columns) -> one value per completion) are reward sources beside those
     the config names."""
-    metrics = {**dict(_named_metric(path) for path in cfg.metrics), **(metrics or {})}
+    metrics = {**_named_metrics(cfg), **(metrics or {})}
     run = open_run(cfg, "ppo" if cfg.ppo.estimator == "gae" else cfg.ppo.estimator, callbacks)
     if run.finished:
         return None

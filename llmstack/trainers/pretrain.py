@@ -20,6 +20,7 @@ from llmstack.trainers.run import Run, open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 
 def lm_objective(kernels: KernelPlan) -> SupervisedObjective:
@@ -93,12 +94,15 @@ def prepare_model(cfg: PretrainConfig, tokenizer):
     return model
 
 
+@owns_output_dir
 def pretrain(cfg: PretrainConfig, callbacks=()) -> LoopResult | None:
     """Train (or resume) a causal LM as configured; returns None when the run directory was already finished."""
     run = open_run(cfg, "pretrain", callbacks)
     if run.finished:
         return None
     acc = run.accelerator
+    if not cfg.model.name_or_path:  # before a tokenizer is trained for it
+        causal_lm.preset_config(cfg.model.preset, cfg.model.vocab_size, cfg.data.block_size)
     tokenizer = prepare_tokenizer(cfg, run)
     batches, held_out, data_facts = prepare_data(cfg, tokenizer, acc.process_index, acc.num_processes)
     model = prepare_model(cfg, tokenizer)

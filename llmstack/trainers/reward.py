@@ -26,6 +26,7 @@ from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 
 def group_scores(model, batch: dict) -> torch.Tensor:
@@ -45,6 +46,7 @@ def reward_objective(use_margins: bool, center_coef: float) -> SupervisedObjecti
                                count_tokens=lambda b: int((b["segment_ids"] != PAD_SEGMENT).sum()))
 
 
+@owns_output_dir
 def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
     """Train (or resume) a reward model as configured; returns None when the run was already finished."""
     run = open_run(cfg, "reward", callbacks)

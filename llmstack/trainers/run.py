@@ -23,6 +23,7 @@ from llmstack.trainers.callbacks import Callbacks, TrackerCallback
 from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
 from llmstack.tracking.record import RunRecord, write_model_card
+from llmstack.tracking.run_dir import RunDirError
 
 
 # statuses of a run that ended with a model/: trained to train.max_steps, or stopped early by a callback
@@ -57,7 +58,7 @@ def open_run(cfg, stage: str, callbacks=()) -> Run:
     checkpointer = Checkpointer(out, acc, train.keep_last)
     hooks = Callbacks([*([TrackerCallback(acc)] if trackers else []), *callbacks])
     metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process, lambda row, step: hooks("on_log", step, row))
-    done = finished_record(out)
+    done = finished_record(out, stage)
     if done is not None:
         log.info(f"{stage}: {out} holds a completed run (record.json status '{done['status']}'); nothing to do. "
                  f"Use another output_dir to train again.")
@@ -77,11 +78,22 @@ def open_run(cfg, stage: str, callbacks=()) -> Run:
     return run
 
 
-def finished_record(run_dir: Path) -> dict | None:
+def finished_record(run_dir: Path, stage: str | None = None) -> dict | None:
+    """The record of the completed run in `run_dir`, or None. A record of another stage is refused: a
+    directory holds one run, and a finished SFT run is no reward model."""
     path = run_dir / "record.json"
-    if not path.is_file() or not (run_dir / "model").is_dir():
+    if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path} is not a readable run record ({err}); it was not written by this version of "
+                          "llmstack or was damaged: move it away, or choose another output_dir") from err
+    if stage is not None and record.get("stage") not in (None, stage):
+        raise RunDirError(f"output_dir {run_dir} holds a {record.get('stage')} run; a {stage} run needs an "
+                          "output_dir of its own")
+    if not (run_dir / "model").is_dir():
+        return None
     return record if record.get("status") in COMPLETED else None
 
 

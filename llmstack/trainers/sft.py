@@ -28,6 +28,7 @@ from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import SupervisedObjective
 from llmstack.tracking.record import find_parent
+from llmstack.tracking.run_dir import owns_output_dir
 
 
 def _sft_loss_sum(model, batch: dict, kernels: KernelPlan) -> torch.Tensor:
@@ -46,15 +47,21 @@ def sft_objective(kernels: KernelPlan) -> SupervisedObjective:
 def load_conversations(cfg: SFTConfig) -> tuple[list, list]:
     d = cfg.data
     fields = chat.ChatFields(d.messages_field, d.prompt_field, d.completion_field)
-    conversations = list(chat.iter_examples(d.train, fields))
+    conversations = _some(chat.iter_examples(d.train, fields), d.train)
     if d.eval:
-        return conversations, list(chat.iter_examples(d.eval, fields))
+        return conversations, _some(chat.iter_examples(d.eval, fields), d.eval)
     train, held_out = [], []
     for index, conversation in enumerate(conversations):
         (held_out if is_held_out(index, d.eval_fraction, cfg.seed) else train).append(conversation)
     return train, held_out
 
 
+def _some(examples, spec: str) -> list:
+    found = list(examples)
+    if not found:
+        raise sources.DataError(f"{spec}: holds no SFT examples; give {{'messages'}}, {{'text'}} or "
+                                "{'prompt', 'completion'} records")
+    return found
 
 
 def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: int):
@@ -74,6 +81,7 @@ def sample_writer(run, tokenizer, conversations: list, n: int, max_new_tokens: i
     return write
 
 
+@owns_output_dir
 def sft(cfg: SFTConfig, callbacks=()) -> LoopResult | None:
     """Fine-tune (or resume) as configured; returns None when the run directory was already finished."""
     run = open_run(cfg, "sft", callbacks)

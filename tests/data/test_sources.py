@@ -67,7 +67,7 @@ def test_parquet_without_the_column_lists_columns(tmp_path):
 
 
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data file or directory not found: ./nope/corpus.jsonl"):
+    with pytest.raises(DataError, match="./nope/corpus.jsonl: no such data file or directory"):
         iter_documents("./nope/corpus.jsonl")
 
 

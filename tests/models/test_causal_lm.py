@@ -3,6 +3,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from llmstack.config import ConfigError
 from llmstack.models.causal_lm import (build_from_preset, check_vocab, load_causal_lm, matmul_params,
                                        preset_config, save_model)
 
@@ -40,7 +41,7 @@ def test_preset_vocabulary_rounds_up_and_is_deterministic(tokenizer):
 
 
 def test_unknown_preset_lists_the_available_ones():
-    with pytest.raises(ValueError, match="unknown model preset 'llama-7b'; available: llama-1m"):
+    with pytest.raises(ValueError, match="unknown preset 'llama-7b'; available: llama-1m"):
         preset_config("llama-7b", 100, 64)
 
 
@@ -63,5 +64,5 @@ def test_saved_model_reloads_with_auto_classes(tmp_path, tokenizer):
 
 
 def test_missing_local_model_says_what_is_wrong(tmp_path):
-    with pytest.raises(OSError, match="cannot load model.name_or_path=.*no loadable model"):
+    with pytest.raises(ConfigError, match="cannot load a model from .*holds no loadable model"):
         load_causal_lm(str(tmp_path))
