@@ -87,17 +87,17 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: llmstack <stage> --config FILE [key=value ...]\n\nstages:")
         for name, (cls, _) in STAGES.items():
             print(f"  {name:10s} {(cls.__doc__ or '').strip()}")
-        print("  report     llmstack report RUN_DIR: the run's lineage, back to the raw text")
+        print("  report     llmstack report RUN_DIR: the run's lineage graph back to the raw text, time and energy")
         print("\n`llmstack <stage> --help` lists every configuration key.")
         sys.exit(0 if argv else 2)
     stage = argv[0]
     if stage == "report":
-        from llmstack.tracking.lineage import format_lineage, lineage
+        from llmstack.tracking.lineage import format_report
 
         if len(argv) != 2:
             print("usage: llmstack report RUN_DIR", file=sys.stderr)
             sys.exit(2)
-        print(format_lineage(lineage(argv[1])))
+        print(format_report(argv[1]))
         sys.exit(0)
     if stage not in STAGES:
         close = difflib.get_close_matches(stage, STAGES, n=1)

@@ -75,6 +75,9 @@ class TrainConfig:
     report_to: list[str] = option(default_factory=list, help="Extra trackers: tensorboard, wandb.")
     peak_tflops: float | None = option(None, "Per-device peak TFLOP/s for MFU; default: a datasheet table for "
                                        "known GPUs, a measured GEMM on CPU.", gt=0.0)
+    power_watts: float | None = option(None, "Power this machine draws while training, in watts (a wall meter's "
+                                       "or the provider's figure): the record's energy estimate where no RAPL or "
+                                       "NVML counter can be read. Default: a per-core CPU model.", gt=0.0)
 
     def validate(self, prefix: str) -> None:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):

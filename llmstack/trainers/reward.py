@@ -82,7 +82,7 @@ def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
 
     record = {"inputs": {"train": sources.describe_source(d.train),
                          **({"eval": sources.describe_source(d.eval)} if d.eval else {})},
-              "parent": find_parent(m.name_or_path),
+              "parent": find_parent(m.name_or_path), "parents": {"backbone": find_parent(m.name_or_path)},
               "data": {"train": train_rows.stats, "held_out": held_rows.stats if held_rows else None,
                        "format": d.format},
               "annotators": agreement}
