@@ -261,7 +261,44 @@ def card_text(run_dir: str | Path, record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGE_TAGS = {"reward": ["reward-model", "rlhf"], "dpo": ["dpo", "rlhf"], **{s: [s, "rlhf"] for s in RL_STAGES}}
+
+
+def _hub_name(name: str) -> bool:
+    """A Hub repository id ("org/name"), not a local directory."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def hub_metadata(record: dict, graph: dict) -> dict:
+    """The Hugging Face card header: what the Hub indexes a repository by. Only what the records know: a
+    license only when recorded, `base_model` only for a Hub model at the root of the lineage, `datasets` only
+    for Hub datasets the lineage read."""
+    stage = record.get("stage", "")
+    meta: dict = {}
+    if record.get("license"):
+        meta["license"] = record["license"]
+    bases = [name for node in graph.values() for role, name in node.outside
+             if role in ("model", "backbone") and _hub_name(name)]
+    if bases:
+        meta["base_model"] = bases[0] if len(bases) == 1 else bases
+    meta["library_name"] = "transformers"
+    meta["tags"] = ["llmstack", *STAGE_TAGS.get(stage, [stage] if stage else [])]
+    datasets = [source["dataset"] for node in graph.values() for source in ((node.record or {}).get("inputs") or {}).values()
+                if isinstance(source, dict) and source.get("dataset")]
+    if datasets:
+        meta["datasets"] = list(dict.fromkeys(datasets))
+    # a reward model is a one-label sequence classifier: the Hub's widget for it is text classification
+    meta["pipeline_tag"] = "text-classification" if stage == "reward" else "text-generation"
+    return meta
+
+
 def write_model_card(run_dir: str | Path, record: dict) -> None:
     """Write MODEL_CARD.md (main process only) from `record`, the content of record.json, and the records of
-    its lineage."""
-    (Path(run_dir) / "MODEL_CARD.md").write_text(card_text(run_dir, record))
+    its lineage; when the run saved `model/`, the same card goes into `model/README.md` under the Hugging Face
+    metadata header, so `huggingface-cli upload ORG/NAME RUN_DIR/model` publishes a complete repository."""
+    run_dir = Path(run_dir)
+    text = card_text(run_dir, record)
+    (run_dir / "MODEL_CARD.md").write_text(text)
+    if (run_dir / "model").is_dir():
+        header = yaml.safe_dump(hub_metadata(record, load_graph(run_dir, record)), sort_keys=False)
+        (run_dir / "model" / "README.md").write_text(f"---\n{header}---\n\n{text}")

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llmstack.cli import main
 from llmstack.data import synthetic
@@ -184,3 +185,35 @@ def test_model_card_of_a_fresh_run_with_no_metrics(tmp_path):
     assert "freshly initialised weights" in card and "No metrics were recorded." in card
     assert "Energy was not measured: no counters." in card
     assert "No inputs were recorded." in card and "- tokenizer\n  - source: trained\n  - vocab_size: 384\n" in card
+
+
+def _front_matter(text: str) -> tuple[dict, str]:
+    assert text.startswith("---\n")
+    header, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(header), body.lstrip("\n")
+
+
+def test_the_model_directory_holds_the_card_under_a_hub_header(chain):
+    root, _ = chain
+    meta, body = _front_matter((root / "ppo" / "model" / "README.md").read_text())
+    assert body == (root / "ppo" / "MODEL_CARD.md").read_text()
+    assert meta["pipeline_tag"] == "text-generation" and meta["library_name"] == "transformers"
+    assert meta["tags"] == ["llmstack", "ppo", "rlhf"]
+    # nothing in this lineage came from the Hub, and no license was recorded: neither is claimed
+    assert "base_model" not in meta and "datasets" not in meta and "license" not in meta
+    assert _front_matter((root / "reward" / "model" / "README.md").read_text())[0]["pipeline_tag"] == \
+        "text-classification"
+
+
+def test_hub_metadata_names_a_hub_base_model_and_hub_datasets(tmp_path):
+    run = tmp_path / "sft"
+    (run / "model").mkdir(parents=True)
+    record = RunRecord(run, "sft", {}, {"train": {"spec": "HuggingFaceH4/ultrachat_200k@train_sft",
+                                                  "dataset": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"}},
+                       find_parent("HuggingFaceTB/SmolLM2-135M"))
+    record.update(license="apache-2.0")
+    record.finish("finished")
+    write_model_card(run, RunRecord.load(run))
+    meta, _ = _front_matter((run / "model" / "README.md").read_text())
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["datasets"] == ["HuggingFaceH4/ultrachat_200k"]
+    assert meta["license"] == "apache-2.0" and meta["tags"] == ["llmstack", "sft"]
