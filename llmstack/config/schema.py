@@ -162,7 +162,7 @@ class PreferenceDataConfig:
     eval_fraction: float = option(0.1, "Share of rankings held out when data.eval is not set.", ge=0.0, le=0.5)
     format: Literal["auto", "hh", "oasst", "label_studio"] = option(
         "auto", "Record format: TRL's preference records and llmstack's rankings (README, Data formats), "
-        "Anthropic HH dialogues, Open-Assistant trees, or a Label Studio pairwise export.")
+        "Anthropic HH dialogues, Open-Assistant trees, or a Label Studio JSON export (rankings or pairs).")
     max_length: int = option(512, "Tokens per prompt + response; longer ones keep their end.", ge=16)
 
 

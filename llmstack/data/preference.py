@@ -42,6 +42,7 @@ from typing import Iterator
 
 import torch
 
+from llmstack.data import label_studio
 from llmstack.data.formats import (IMPLICIT_PREFERENCE, PREFERENCE, RANKING, continuation_text, plain_ids,
                                    prompt_ids, record_type, refusal, text_ids, text_or_messages, with_eos)
 from llmstack.data.sources import DataError, iter_records, synthetic_count
@@ -225,30 +226,11 @@ def _oasst_walk(node: dict, path: list[dict], where: str, include_synthetic: boo
 
 
 def import_label_studio(path: str | Path) -> Iterator[PreferenceGroup]:
-    """A Label Studio JSON export of pairwise tasks, one group per annotation.
-
-    Expected shape (the Pairwise template with `toName="answer1,answer2"`):
-      [{"id": 7, "data": {"prompt": "...", "answer1": "...", "answer2": "..."},
-        "annotations": [{"completed_by": 3, "result": [{"type": "pairwise", "value": {"selected": "left"}}]}]}]
-    "left" prefers answer1, "right" answer2. Cancelled annotations and tasks without any are skipped.
-    """
-    tasks = json.loads(Path(path).read_text())
-    for task in tasks:
-        where = f"{path}, task {task.get('id')}"
-        data = task.get("data", {})
-        missing = [k for k in ("prompt", "answer1", "answer2") if k not in data]
-        if missing:
-            raise DataError(f"{where}: field 'data' misses {', '.join(missing)}")
-        for annotation in task.get("annotations", []):
-            if annotation.get("was_cancelled"):
-                continue
-            choice = next((r["value"].get("selected") for r in annotation.get("result", [])
-                           if r.get("type") == "pairwise"), None)
-            if choice not in ("left", "right"):
-                raise DataError(f"{where}: annotation {annotation.get('id')} has no pairwise 'selected' value")
-            first, second = (data["answer1"], data["answer2"]) if choice == "left" else (data["answer2"], data["answer1"])
-            yield to_group({"prompt": data["prompt"], "chosen": first, "rejected": second,
-                            "annotator": str(annotation.get("completed_by"))}, where)
+    """A Label Studio JSON export, one group per completed annotation: K-way rankings of a List + Ranker
+    project (as `llmstack annotate` sets up) or pairs of a Pairwise one (`llmstack.data.label_studio`), each
+    with the annotator's id."""
+    for where, record in label_studio.read_export(path):
+        yield to_group(record, where)
 
 
 IMPORTERS = {"auto": iter_groups, "hh": import_hh, "oasst": import_oasst, "label_studio": import_label_studio}
