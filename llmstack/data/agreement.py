@@ -57,10 +57,12 @@ def _ties(groups: list[PreferenceGroup]) -> dict:
 
 
 def annotator_statistics(groups: list[PreferenceGroup]) -> dict:
-    """What the card reports of the people behind the data: counts (rankings, responses, distinct prompts,
-    rankings with no annotator id), ties, each annotator's rankings, pairwise agreement between annotators,
+    """What the card reports of the people behind the data: counts (rankings; ranked tasks, a task being one
+    prompt with its responses however many people ranked it; their responses; distinct prompt texts; rankings
+    with no annotator id), ties, each annotator's rankings, pairwise agreement between annotators,
     each one's agreement with the majority of the others, and Krippendorff's alpha."""
     units = pairwise_judgements(groups)
+    tasks = {(repr(g.prompt), tuple(sorted(map(repr, g.responses)))) for g in groups}
     counts = Counter(str(g.annotator) for g in groups if g.annotator is not None)
     pair_agree: dict = defaultdict(lambda: [0, 0])
     majority: dict = defaultdict(lambda: [0, 0])
@@ -74,7 +76,7 @@ def annotator_statistics(groups: list[PreferenceGroup]) -> dict:
                 majority[person][0] += value == others[0][0]
                 majority[person][1] += 1
     return {
-        "rankings": len(groups), "responses": sum(len(g.responses) for g in groups),
+        "rankings": len(groups), "tasks": len(tasks), "responses": sum(len(t[1]) for t in tasks),
         "prompts": len({repr(g.prompt) for g in groups}),
         "unattributed_rankings": sum(g.annotator is None for g in groups), **_ties(groups),
         "annotators": dict(sorted(counts.items())),

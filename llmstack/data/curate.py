@@ -43,6 +43,7 @@ from llmstack.config.curate import CurateConfig, CurateDataConfig
 from llmstack.data import sources
 from llmstack.data.curation import Audit, Pipeline, evaluate
 from llmstack.data.curation.report import render
+from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.record import RunRecord, file_sha256, write_json_atomic
 
 log = logging.getLogger("llmstack")
@@ -204,6 +205,8 @@ def curate(cfg: CurateConfig) -> CurateResult:
     record = RunRecord(out, "curate", to_dict(cfg), inputs={"train": describe_input(cfg.data, cfg.seed)},
                        parent=None)
     record.save()
+    meter = EnergyMeter(cores=max(cfg.workers, 1))
+    meter.start()
     try:
         audit, files = _run(cfg, data_dir)
     except BaseException as err:
@@ -219,6 +222,7 @@ def curate(cfg: CurateConfig) -> CurateResult:
                                     "files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
                                               for p in files]}})
     record.set_compute(1, device="cpu", workers=cfg.workers)
+    record.add_energy(meter.stop())
     record.finish("finished")
     total = audit["input"].get("passages", audit["input"]["documents"])
     log.info(f"curate: kept {audit['output']['documents']:,} of {total:,} documents in "

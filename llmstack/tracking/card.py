@@ -109,9 +109,9 @@ def _who(record: dict) -> str:
 def judgement_lines(stats: dict, record: dict) -> list[str]:
     """The 'Human judgements' section for annotator statistics (`llmstack.data.agreement`)."""
     rankings = stats.get("rankings") or sum(stats.get("annotators", {}).values())
-    lines = [f"{_fmt(rankings)} rankings of {_fmt(stats.get('responses', '?'))} responses to "
-             f"{_fmt(stats.get('prompts', '?'))} distinct prompts; {_fmt(stats.get('rankings_with_ties', '?'))} "
-             f"rankings hold a tie ({_fmt(stats.get('tied_pairs', '?'))} of "
+    lines = [f"{_fmt(rankings)} rankings of {_fmt(stats.get('tasks', '?'))} ranked prompts, each shown with its own "
+             f"answers ({_fmt(stats.get('responses', '?'))} responses in all, {_fmt(stats.get('prompts', '?'))} "
+             f"distinct prompt texts); {_fmt(stats.get('rankings_with_ties', '?'))} rankings hold a tie ({_fmt(stats.get('tied_pairs', '?'))} of "
              f"{_fmt(stats.get('pairwise_judgements', '?'))} pairwise judgements are ties)."
              + (f" {stats['unattributed_rankings']:,} rankings carry no annotator id."
                 if stats.get("unattributed_rankings") else ""), ""]
@@ -142,8 +142,9 @@ def _summary_of_judgements(node: Node, base: Path) -> str:
     shares = ", ".join(f"{who} {n / rankings:.0%}" for who, n in annotators.items()) if rankings else ""
     majority = stats.get("agreement_with_majority") or {}
     agree = ", ".join(f"{who} {v:.0%}" for who, v in majority.items())
-    return (f"{_fmt(rankings)} rankings of {_fmt(stats.get('responses', '?'))} responses by "
-            f"{len(annotators)} annotators ({shares or 'no ids'}); agreement with the majority {agree or 'n/a'}; "
+    return (f"{_fmt(rankings)} rankings of {_fmt(stats.get('tasks', '?'))} ranked prompts "
+            f"({_fmt(stats.get('responses', '?'))} responses) by {len(annotators)} annotators "
+            f"({shares or 'no ids'}); agreement with the majority {agree or 'n/a'}; "
             f"Krippendorff's alpha {'undefined' if alpha is None else f'{alpha:.3f}'}; "
             f"{_fmt(stats.get('rankings_with_ties', '?'))} rankings with ties. {_who(node.record)} "
             f"Details: the card of `{shown_path(str(node.dir), base)}`.")
@@ -251,6 +252,12 @@ def card_text(run_dir: str | Path, record: dict) -> str:
         lines += ["## Human judgements", "", *judgement_lines(record["annotators"], record), ""]
     if stage in RL_STAGES:
         lines += [*_reward_model_lines(record, graph, base), ""]
+    if stage == "dpo":
+        kl = record.get("metrics", {}).get("final_eval_kl")
+        lines += [f"KL budget: answers to held-out prompts sit {kl:.3g} nats (mean over answers of log pi - log ref) "
+                  f"from the reference, the model this run started from (beta "
+                  f"{_fmt(_get(record.get('config', {}), 'dpo.beta'))})." if kl is not None else
+                  "The KL to the reference was not measured (dpo.kl_prompts=0).", ""]
     curation = _curation_lines(graph, base)
     lines += [*curation, ""] if curation else []
     lines += [*_setup_lines(record.get("config", {}), base), "", *_results_lines(record.get("metrics", {})), ""]

@@ -48,12 +48,15 @@ def estimate(seconds: float, watts: float, source: str) -> dict:
 class EnergyMeter:
     """`start()` then `stop() -> dict` for the record: measured {"method": "measured", "joules", "cpu_joules"
     and/or "gpu_joules", "source", "note"} or estimated (`estimate`). `power_watts`: the user's stated power;
-    `processes`: how many processes of the run share this machine (each computes on its own cores)."""
+    `processes`: how many processes of the run share this machine (each computes on torch's threads);
+    `cores`: the cores in use, for work that is not torch's (e.g. single-threaded worker processes)."""
 
-    def __init__(self, rapl_root: Path = RAPL_ROOT, power_watts: float | None = None, processes: int = 1):
+    def __init__(self, rapl_root: Path = RAPL_ROOT, power_watts: float | None = None, processes: int = 1,
+                 cores: int | None = None):
         self.rapl_root = rapl_root
         self.power_watts = power_watts
         self.processes = processes
+        self.cores = cores
         self._started = 0.0
         self._rapl: list[Path] = []
         self._rapl_start: list[int] = []
@@ -87,7 +90,7 @@ class EnergyMeter:
         if self.power_watts is not None:
             return estimate(seconds, self.power_watts, f"stated power {self.power_watts:g} W (train.power_watts) "
                                                        "x wall time")
-        cores = _cores_in_use(self.processes)
+        cores = self.cores or _cores_in_use(self.processes)
         out = estimate(seconds, CPU_WATTS_PER_CORE * cores,
                        f"CPU model: {CPU_WATTS_PER_CORE:g} W per core x {cores} core(s) x wall time; no readable "
                        "RAPL or NVML counter")

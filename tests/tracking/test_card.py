@@ -91,7 +91,7 @@ def test_the_policy_card_names_its_reward_model_annotators_curation_and_the_chai
     assert "backbone: sft run `sft` [finished]" in tree and "(drawn above)" in tree
     assert "data: curate run `curate`" in tree and "train: synthetic-noisy:300" in tree
     judged = card.split("## Optimised against")[1].split("\n## ")[0]
-    assert f"{stats['rankings']} rankings of {stats['responses']} responses by 3 annotators" in judged
+    assert "80 rankings of 40 ranked prompts (200 responses) by 3 annotators" in judged
     for who, n in stats["annotators"].items():
         assert f"{who} {n / stats['rankings']:.0%}" in judged
         assert f"{who} {stats['agreement_with_majority'][who]:.0%}" in judged
@@ -111,7 +111,8 @@ def test_the_reward_model_card_has_a_human_judgements_section(chain):
     records = synthetic.preferences(40, seed=1)
     ties = sum(any(isinstance(tier, list) for tier in r["ranking"]) for r in records)
     prompts = len({json.dumps(r["prompt"]) for r in records})
-    assert f"80 rankings of 400 responses to {prompts} distinct prompts; {ties} rankings hold a tie" in section
+    assert (f"80 rankings of 40 ranked prompts, each shown with its own answers (200 responses in all, {prompts} "
+            f"distinct prompt texts); {ties} rankings hold a tie") in section
     n = sum(stats["annotators"].values())
     assert n == stats["rankings"] == 80  # two judges per prompt
     for who, count in stats["annotators"].items():
