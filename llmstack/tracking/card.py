@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from llmstack.tracking.energy import energy_joules
+from llmstack.tracking.energy import amount, energy_joules
 from llmstack.tracking.lineage import Node, chain_totals, describe_energy, draw, load_graph, shown_path
 
 RL_STAGES = ("ppo", "grpo", "rloo", "reinforce++")
@@ -211,8 +211,10 @@ def _energy_text(energy: dict | None) -> str:
     joules, method = energy_joules(energy)
     if joules is None:
         return f"Energy was not measured: {(energy or {}).get('unmeasured', 'no figure recorded')}."
-    note = f"; {energy['note']}" if energy.get("note") else ""
-    return f"Energy: {joules / 3.6e6:.3g} kWh, {method} ({energy.get('source', '?')}{note})."
+    details = [energy.get("source", "?")]
+    details += [f"{energy['cores']} cores" if "cores" in energy else "", f"{energy['watts']:g} W" if "watts" in energy else "",
+                energy.get("why", ""), energy.get("note", "")]
+    return f"Energy: {amount(joules)}, {method} ({'; '.join(d for d in details if d)})."
 
 
 def _compute_lines(record: dict, graph: dict) -> list[str]:

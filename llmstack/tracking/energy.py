@@ -88,15 +88,15 @@ class EnergyMeter:
             out["note"] = "this machine's whole CPU packages / GPUs, not this process alone"
             return {"method": "measured", **out}
         if self.power_watts is not None:
-            return estimate(seconds, self.power_watts, f"stated power {self.power_watts:g} W (train.power_watts) "
-                                                       "x wall time")
-        cores = self.cores or _cores_in_use(self.processes)
-        out = estimate(seconds, CPU_WATTS_PER_CORE * cores,
-                       f"CPU model: {CPU_WATTS_PER_CORE:g} W per core x {cores} core(s) x wall time; no readable "
-                       "RAPL or NVML counter")
-        if _has_cuda():
-            out["note"] = "GPUs have no readable energy counter here and are not included"
-        return out
+            out = estimate(seconds, self.power_watts, "stated power (train.power_watts) x wall time")
+        else:
+            cores = self.cores or _cores_in_use(self.processes)
+            out = estimate(seconds, CPU_WATTS_PER_CORE * cores,
+                           f"CPU model: {CPU_WATTS_PER_CORE:g} W per core x cores in use x wall time")
+            out["cores"] = cores
+            if _has_cuda():
+                out["note"] = "GPUs have no readable energy counter here and are not included"
+        return {**out, "why": "no readable RAPL or NVML counter"}
 
     def _measured(self) -> dict:
         out: dict = {}
@@ -118,6 +118,11 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def amount(joules: float) -> str:
+    """Energy for a reader: kWh from one kWh up, Wh below."""
+    return f"{joules / 3.6e6:.3g} kWh" if joules >= 3.6e6 else f"{joules / 3.6e3:.3g} Wh"
 
 
 def energy_joules(energy: dict | None) -> tuple[float | None, str | None]:

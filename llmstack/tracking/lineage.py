@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstack.tracking.energy import energy_joules
+from llmstack.tracking.energy import amount, energy_joules
 
 
 def portable_link(link: dict | None, run_dir: str | Path) -> dict | None:
@@ -193,12 +193,12 @@ def format_report(run_dir: str | Path) -> str:
 
 
 def describe_energy(totals: dict) -> str:
-    """'X kWh (measured a kWh: RAPL; estimated b kWh: ...)' for `chain_totals`'s figures."""
+    """'X kWh (measured a kWh, estimated b kWh; methods: ...)' for `chain_totals`'s figures."""
     if totals["joules"] == 0 and totals["unknown"]:
         return "not known for any run."
-    parts = [f"{kind} {totals[f'{kind}_joules'] / 3.6e6:.3g} kWh" for kind in ("measured", "estimated")
+    parts = [f"{kind} {amount(totals[f'{kind}_joules'])}" for kind in ("measured", "estimated")
              if totals[f"{kind}_joules"]]
-    text = f"{totals['joules'] / 3.6e6:.3g} kWh ({', '.join(parts) or 'none'}; methods: {'; '.join(totals['methods'])})"
+    text = f"{amount(totals['joules'])} ({', '.join(parts) or 'none'}; methods: {'; '.join(totals['methods'])})"
     missing = f"; not known for {', '.join(map(str, totals['unknown']))}" if totals["unknown"] else ""
     return text + missing + "."
 

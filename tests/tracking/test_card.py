@@ -100,7 +100,7 @@ def test_the_policy_card_names_its_reward_model_annotators_curation_and_the_chai
     assert "removed per rule (the first rule, in order, that removed each): c4 40, exact_dedup 20" in card
     # 10 + 100 + 50 + 30 + 70 s, and 100 + 1000 + 500 + 300 + 700 J, of which 1000 J measured (pretrain)
     assert "The whole chain (5 runs" in card and "wall time 4 min 20 s" in card
-    assert f"energy {2600 / 3.6e6:.3g} kWh (measured {1000 / 3.6e6:.3g} kWh, estimated {1600 / 3.6e6:.3g} kWh" in card
+    assert "energy 0.722 Wh (measured 0.278 Wh, estimated 0.444 Wh" in card  # 2600, 1000, 1600 J / 3600
     assert all(len(widths) == 1 for widths in table_widths(card))
 
 
@@ -218,3 +218,10 @@ def test_hub_metadata_names_a_hub_base_model_and_hub_datasets(tmp_path):
     meta, _ = _front_matter((run / "model" / "README.md").read_text())
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["datasets"] == ["HuggingFaceH4/ultrachat_200k"]
     assert meta["license"] == "apache-2.0" and meta["tags"] == ["llmstack", "sft"]
+    # weights from a local directory outside llmstack are no Hub repository: no base_model is claimed
+    (tmp_path / "downloaded" / "weights").mkdir(parents=True)
+    local = RunRecord(tmp_path / "local", "sft", {}, {}, find_parent(str(tmp_path / "downloaded" / "weights")))
+    local.finish("finished")
+    (tmp_path / "local" / "model").mkdir()
+    write_model_card(tmp_path / "local", RunRecord.load(tmp_path / "local"))
+    assert "base_model" not in _front_matter((tmp_path / "local" / "model" / "README.md").read_text())[0]

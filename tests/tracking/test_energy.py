@@ -44,7 +44,7 @@ def test_a_stated_power_times_the_wall_time_is_the_estimate(tmp_path, monkeypatc
     meter.start()
     clock.now += 90 * 60  # an hour and a half at 250 W: 0.375 kWh = 1,350,000 J
     result = meter.stop()
-    assert result["method"] == "estimated" and "250 W" in result["source"]
+    assert result["method"] == "estimated" and result["watts"] == 250.0 and "train.power_watts" in result["source"]
     assert result["joules"] == 1_350_000.0 and result["joules"] / 3.6e6 == 0.375
 
 
@@ -58,7 +58,7 @@ def test_without_a_stated_power_the_cpu_model_counts_the_cores_in_use(tmp_path, 
     result = meter.stop()
     # 3 threads in each of 2 processes, 6 W per core, 10 s: 360 J
     assert result["method"] == "estimated" and result["joules"] == 6 * 3 * 2 * 10.0 == 360.0
-    assert "6 W per core x 6 core(s)" in result["source"]
+    assert result["cores"] == 6 and result["watts"] == 36.0 and "6 W per core" in result["source"]
 
 
 def test_measured_figures_are_labelled_so_and_summed(tmp_path):
