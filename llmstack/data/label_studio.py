@@ -22,13 +22,35 @@ from llmstack.data.sources import DataError
 
 LIST, RANKER = "answers", "rank"
 
+INSTRUCTIONS = "Order the answers from best to worst (drag to reorder)"
+ANNOTATION_FILE = "annotation.json"  # beside the export: who ranked, for what pay, under which instructions
+PEOPLE = ("recruitment", "pay", "instructions")
+
 RANKING_CONFIG = f"""<View>
-  <Header value="Order the answers from best to worst (drag to reorder)"/>
+  <Header value="{INSTRUCTIONS}"/>
   <Text name="prompt" value="$prompt"/>
   <List name="{LIST}" value="${LIST}" title="Answers"/>
   <Ranker name="{RANKER}" toName="{LIST}"/>
 </View>
 """
+
+
+def annotation_facts(spec: str) -> dict:
+    """What `annotation.json` beside the data (`spec`'s folder) says of the people who judged it:
+    recruitment, pay, instructions; {} when there is no such file. Its other keys are ignored."""
+    path = Path(spec)
+    if not path.exists():  # a dataset name or the built-in data: no folder of its own
+        return {}
+    path = (path if path.is_dir() else path.parent) / ANNOTATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        facts = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}); it holds {', '.join(PEOPLE)} as text") from err
+    if not isinstance(facts, dict):
+        raise DataError(f"{path}: expected an object with {', '.join(PEOPLE)}")
+    return {k: str(facts[k]) for k in PEOPLE if facts.get(k)}
 
 
 def shown_prompt(prompt: str | list[dict]) -> str:

@@ -4,8 +4,10 @@ times; the answers go to people as a Label Studio ranking project; their export 
 
     llmstack annotate --model runs/pipeline/sft/model --prompts prompts.jsonl --k 4 --out annotation/
 
-writes `annotation/tasks.json` (import it into a project) and `annotation/labeling_config.xml` (the
-project's labelling interface: a List of the answers and a Ranker). `--simulate` also writes
+writes `annotation/tasks.json` (import it into a project), `annotation/labeling_config.xml` (the
+project's labelling interface: a List of the answers and a Ranker) and `annotation/annotation.json` (the
+instructions shown; fill in how the annotators were recruited and paid, and keep it beside the export: the
+reward model's card states what it says, and "not recorded" for what it leaves empty). `--simulate` also writes
 `annotation/export.json`: the built-in task's simulated annotators (`llmstack.data.synthetic`) ranking the same
 tasks, in Label Studio's export format, so the whole round trip runs without people.
 
@@ -100,7 +102,11 @@ def annotate(model: str, prompts_spec: str, k: int, out: str | Path, *, max_new_
     out.mkdir(parents=True, exist_ok=True)
     (out / "tasks.json").write_text(json.dumps(tasks, indent=1) + "\n")
     (out / "labeling_config.xml").write_text(label_studio.RANKING_CONFIG)
-    written = {"prompts": len(prompts), "tasks": len(tasks), "files": ["tasks.json", "labeling_config.xml"]}
+    # to be completed by whoever runs the project; the reward stage copies it into the model card
+    people = {"recruitment": None, "pay": None, "instructions": label_studio.INSTRUCTIONS}
+    (out / label_studio.ANNOTATION_FILE).write_text(json.dumps(people, indent=1) + "\n")
+    written = {"prompts": len(prompts), "tasks": len(tasks),
+               "files": ["tasks.json", "labeling_config.xml", label_studio.ANNOTATION_FILE]}
     if simulate:
         (out / "export.json").write_text(json.dumps(simulate_export(tasks, seed), indent=1) + "\n")
         written["files"].append("export.json")
@@ -131,5 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llmstack annotate: {written['tasks']} ranking tasks in {args.out}/ ({', '.join(written['files'])})"
           + (f"; {left_out} prompts left out with fewer than two distinct answers" if left_out else "")
           + ". Import tasks.json into a Label Studio project whose labelling interface is labeling_config.xml, "
-          "export it as JSON, and train on it with `llmstack reward data.train=EXPORT data.format=label_studio`.")
+          "export it as JSON beside annotation.json (fill in recruitment and pay), and train on it with "
+          "`llmstack reward data.train=EXPORT data.format=label_studio`.")
     return 0

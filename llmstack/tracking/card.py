@@ -95,9 +95,11 @@ def _results_lines(metrics: dict) -> list[str]:
 
 
 def _who(record: dict) -> str:
-    """Recruitment, pay and instructions of the annotators: only what the data says."""
+    """Recruitment, pay and instructions of the annotators: only what the data says (its annotation.json,
+    `llmstack.data.label_studio.annotation_facts`)."""
     people = record.get("annotation") or {}
-    generated = any(isinstance(s, dict) and s.get("generator") == SYNTHETIC for s in (record.get("inputs") or {}).values())
+    inputs = (record.get("inputs") or {}).values()
+    generated = any(isinstance(s, dict) and s.get("generator") == SYNTHETIC for s in inputs)
     if generated:
         return (f"The annotators are simulated ({SYNTHETIC}): they rank by the built-in task's rubric, each with "
                 "their own chance of swapping neighbours; no people were recruited or paid.")
@@ -111,7 +113,8 @@ def judgement_lines(stats: dict, record: dict) -> list[str]:
     rankings = stats.get("rankings") or sum(stats.get("annotators", {}).values())
     lines = [f"{_fmt(rankings)} rankings of {_fmt(stats.get('tasks', '?'))} ranked prompts, each shown with its own "
              f"answers ({_fmt(stats.get('responses', '?'))} responses in all, {_fmt(stats.get('prompts', '?'))} "
-             f"distinct prompt texts); {_fmt(stats.get('rankings_with_ties', '?'))} rankings hold a tie ({_fmt(stats.get('tied_pairs', '?'))} of "
+             f"distinct prompt texts); {_fmt(stats.get('rankings_with_ties', '?'))} rankings hold a tie "
+             f"({_fmt(stats.get('tied_pairs', '?'))} of "
              f"{_fmt(stats.get('pairwise_judgements', '?'))} pairwise judgements are ties)."
              + (f" {stats['unattributed_rankings']:,} rankings carry no annotator id."
                 if stats.get("unattributed_rankings") else ""), ""]
@@ -212,7 +215,8 @@ def _energy_text(energy: dict | None) -> str:
     if joules is None:
         return f"Energy was not measured: {(energy or {}).get('unmeasured', 'no figure recorded')}."
     details = [energy.get("source", "?")]
-    details += [f"{energy['cores']} cores" if "cores" in energy else "", f"{energy['watts']:g} W" if "watts" in energy else "",
+    details += [f"{energy['cores']} cores" if "cores" in energy else "",
+                f"{energy['watts']:g} W" if "watts" in energy else "",
                 energy.get("why", ""), energy.get("note", "")]
     return f"Energy: {amount(joules)}, {method} ({'; '.join(d for d in details if d)})."
 
@@ -292,7 +296,8 @@ def hub_metadata(record: dict, graph: dict) -> dict:
         meta["base_model"] = bases[0] if len(bases) == 1 else bases
     meta["library_name"] = "transformers"
     meta["tags"] = ["llmstack", *STAGE_TAGS.get(stage, [stage] if stage else [])]
-    datasets = [source["dataset"] for node in graph.values() for source in ((node.record or {}).get("inputs") or {}).values()
+    datasets = [source["dataset"] for node in graph.values()
+                for source in ((node.record or {}).get("inputs") or {}).values()
                 if isinstance(source, dict) and source.get("dataset")]
     if datasets:
         meta["datasets"] = list(dict.fromkeys(datasets))

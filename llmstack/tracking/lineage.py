@@ -204,14 +204,14 @@ def describe_energy(totals: dict) -> str:
 
 
 def lineage(run_dir: str | Path) -> list[dict]:
-    """The run's record, then its model's (or data's) parent's, and so on: the one chain of weights back to
+    """The run's record, then its model's (backbone's, data's) parent's, and so on: the one chain of weights back to
     the raw text, each record with its `run_dir`. Stops at a parent that is not an llmstack run."""
     graph = load_graph(run_dir)
     chain, key = [], next(iter(graph))
     while key is not None and graph[key].record is not None:
         node = graph[key]
         chain.append({"run_dir": str(node.dir), **node.record})
-        key = next((p for role, p in node.parents if role in ("model", "data")), None)
+        key = next((p for role, p in node.parents if role in ("model", "backbone", "data")), None)
         if key is not None and any(r["run_dir"] == str(key) for r in chain):
             break
     return chain

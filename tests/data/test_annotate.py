@@ -59,7 +59,11 @@ def test_answers_go_out_as_a_ranking_project_and_come_back_as_rankings_a_reward_
     listed, ranker = view.find("List"), view.find("Ranker")
     assert ranker.get("toName") == listed.get("name") and listed.get("value") == "$answers"
 
-    export = tmp_path / "export.json"
+    people = json.loads((out / "annotation.json").read_text())
+    assert people == {"recruitment": None, "pay": None, "instructions": view.find("Header").get("value")}
+    people["recruitment"] = "four volunteers from the team"
+    (out / "annotation.json").write_text(json.dumps(people))
+    export = out / "export.json"
     export.write_text(json.dumps(label_studio_export(tasks)))
     groups = list(import_label_studio(export))
     assert [g.annotator for g in groups] == ["7", "9"] * len(tasks)  # the cancelled annotation is not read
@@ -83,7 +87,8 @@ def test_answers_go_out_as_a_ranking_project_and_come_back_as_rankings_a_reward_
     assert stats["pairwise_agreement"] == {"7|9": round(1 - len(tasks) / sum(pairs), 4)}
     card = (tmp_path / "rm" / "MODEL_CARD.md").read_text()
     assert "## Human judgements" in card and f"| 7 | {len(tasks)} | 50.0% |" in card
-    assert "recruitment: not recorded in the data; pay: not recorded in the data" in card
+    assert ("recruitment: four volunteers from the team; pay: not recorded in the data; instructions: Order the "
+            "answers from best to worst") in card
 
 
 def test_the_simulated_annotators_rank_the_project_by_the_rubric(monkeypatch):
