@@ -95,6 +95,8 @@ def annotate(model: str, prompts_spec: str, k: int, out: str | Path, *, max_new_
     """Sample, write the Label Studio import (and the simulated export); returns what was written."""
     if k < 2:
         raise ValueError(f"--k {k}: an annotator ranks at least two answers; use --k 2 or more")
+    if not Path(model).is_dir() and (Path(model).is_absolute() or model.startswith(".") or model.count("/") != 1):
+        raise ValueError(f"--model {model}: no such model directory; give a run's model/ folder or a Hub name")
     out = Path(out)
     prompts, _ = load_prompt_set(prompts_spec, ChatFields(), seed)
     answers = sample_answers(model, prompts, k, SamplingSettings(max_new_tokens, temperature), seed)

@@ -111,3 +111,9 @@ def test_an_export_that_does_not_rank_every_answer_is_refused(tmp_path):
     (tmp_path / "e.json").write_text(json.dumps(export))
     with pytest.raises(DataError, match=r"e\.json, task 5, annotation 8: the ranking \['a0', 'a2'\] does not order"):
         list(import_label_studio(tmp_path / "e.json"))
+
+
+def test_a_missing_model_directory_is_one_clear_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "missing"), "--prompts", "synthetic:2", "--out", str(tmp_path / "o")]) == 2
+    assert f"--model {tmp_path / 'missing'}: no such model directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -138,6 +138,7 @@ def test_no_absolute_path_in_any_card_or_report(chain, tmp_path, capsys):
     moved = tmp_path / "elsewhere"
     root.rename(moved)
     assert [r["stage"] for r in lineage(moved / "ppo")] == ["ppo", "sft", "pretrain", "curate"]
+    assert [r["stage"] for r in lineage(moved / "reward")] == ["reward", "sft", "pretrain", "curate"]
 
 
 def test_model_card_states_data_metrics_setup_and_lineage(tmp_path):
