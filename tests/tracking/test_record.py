@@ -120,7 +120,7 @@ def test_links_to_other_runs_are_kept_relative_to_the_run(tmp_path):
     assert saved["host"]["run_dir"] == str((tmp_path / "pipeline" / "reward").resolve())
 
 
-def test_cpu_model_reads_the_marketing_name(monkeypatch):
+def test_cpu_model_reads_the_marketing_name():
     with open("/proc/cpuinfo") as fh:
         names = {line.split(":", 1)[1].strip() for line in fh if line.startswith(("model name", "Model"))}
     assert cpu_model() in names if names else cpu_model()
