@@ -18,7 +18,7 @@ import yaml
 from llmstack.tracking.energy import amount, energy_joules
 from llmstack.tracking.lineage import Node, chain_totals, describe_energy, draw, load_graph, shown_path
 
-RL_STAGES = ("ppo", "grpo", "rloo", "reinforce++")
+RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")  # the RL stage records its estimator's name (gae: ppo)
 SYNTHETIC = "llmstack.data.synthetic"
 
 
