@@ -171,18 +171,24 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: llmstack <stage> --config FILE [key=value ...]\n\nstages:")
         for name, (cls, _) in STAGES.items():
             print(f"  {name:10s} {(cls.__doc__ or '').strip()}")
-        print("  report     llmstack report RUN_DIR: the run's lineage, back to the raw text")
+        print("  annotate   llmstack annotate --model DIR --prompts FILE --k K --out DIR: a Label Studio ranking "
+              "project of the model's answers")
+        print("  report     llmstack report RUN_DIR: the run's lineage graph back to the raw text, time and energy")
         print("\n`llmstack <stage> --help` lists every configuration key.")
         sys.exit(0 if argv else 2)
     stage = argv[0]
+    if stage == "annotate":
+        from llmstack.evaluation.annotate import main as annotate
+
+        sys.exit(annotate(argv[1:]))
     if stage == "report":
-        from llmstack.tracking.lineage import format_lineage, lineage
+        from llmstack.tracking.lineage import format_report
 
         if len(argv) != 2:
             print("usage: llmstack report RUN_DIR", file=sys.stderr)
             sys.exit(2)
         try:
-            print(format_lineage(lineage(argv[1])))
+            print(format_report(argv[1]))
         except (OSError, ValueError) as err:
             sys.exit(report_error("report", err, 2 if isinstance(err, FileNotFoundError) else 1))
         sys.exit(0)

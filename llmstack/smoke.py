@@ -137,19 +137,10 @@ def _register_tokenizer(tokenizer) -> str:
 
 
 def _tiny_model(name_or_path: str, tokenizer, section: str, classifier: bool = False) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from llmstack.models.architectures import build_tiny
 
-    from llmstack.models.architectures import tiny_config
-
-    config, source = tiny_config(name_or_path, len(tokenizer))
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    if classifier:
-        config.num_labels = 1
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    note(f"{section}.name_or_path={name_or_path}: a 2-layer {config.model_type} with random weights "
+    model, source = build_tiny(name_or_path, tokenizer, one_score=classifier)
+    note(f"{section}.name_or_path={name_or_path}: a 2-layer {model.config.model_type} with random weights "
          f"(architecture from {source})")
     digest, params = objects.weights_sha256(model)
     return objects.register(model, "model", digest, {"smoke_of": name_or_path, "class": type(model).__name__,

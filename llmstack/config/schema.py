@@ -79,6 +79,9 @@ class TrainConfig:
     report_to: list[str] = option(default_factory=list, help="Extra trackers: tensorboard, wandb.")
     peak_tflops: float | None = option(None, "Per-device peak TFLOP/s for MFU; default: a datasheet table for "
                                        "known GPUs, a measured GEMM on CPU.", gt=0.0)
+    power_watts: float | None = option(None, "Power this machine draws while training, in watts (a wall meter's "
+                                       "or the provider's figure): the record's energy estimate where no RAPL or "
+                                       "NVML counter can be read. Default: a per-core CPU model.", gt=0.0)
 
     def validate(self, prefix: str) -> None:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
@@ -166,7 +169,7 @@ class PreferenceDataConfig:
     eval_fraction: float = option(0.1, "Share of rankings held out when data.eval is not set.", ge=0.0, le=0.5)
     format: Literal["auto", "hh", "oasst", "label_studio"] = option(
         "auto", "Record format: TRL's preference records and llmstack's rankings (README, Data formats), "
-        "Anthropic HH dialogues, Open-Assistant trees, or a Label Studio pairwise export.")
+        "Anthropic HH dialogues, Open-Assistant trees, or a Label Studio JSON export (rankings or pairs).")
     max_length: int = option(512, "Tokens per prompt + response; longer ones keep their end.", ge=16, le=TOKENS_MAX)
 
 

@@ -50,8 +50,19 @@ def krippendorff_alpha_nominal(units: dict) -> float | None:
     return None if expected == 0 else 1 - observed / expected
 
 
+def _ties(groups: list[PreferenceGroup]) -> dict:
+    pairs = [(g.ranks[i], g.ranks[j]) for g in groups for i, j in itertools.combinations(range(len(g.ranks)), 2)]
+    return {"rankings_with_ties": sum(len(set(g.ranks)) < len(g.ranks) for g in groups),
+            "pairwise_judgements": len(pairs), "tied_pairs": sum(a == b for a, b in pairs)}
+
+
 def annotator_statistics(groups: list[PreferenceGroup]) -> dict:
+    """What the card reports of the people behind the data: counts (rankings; ranked tasks, a task being one
+    prompt with its responses however many people ranked it; their responses; distinct prompt texts; rankings
+    with no annotator id), ties, each annotator's rankings, pairwise agreement between annotators,
+    each one's agreement with the majority of the others, and Krippendorff's alpha."""
     units = pairwise_judgements(groups)
+    tasks = {(repr(g.prompt), tuple(sorted(map(repr, g.responses)))) for g in groups}
     counts = Counter(str(g.annotator) for g in groups if g.annotator is not None)
     pair_agree: dict = defaultdict(lambda: [0, 0])
     majority: dict = defaultdict(lambda: [0, 0])
@@ -65,6 +76,9 @@ def annotator_statistics(groups: list[PreferenceGroup]) -> dict:
                 majority[person][0] += value == others[0][0]
                 majority[person][1] += 1
     return {
+        "rankings": len(groups), "tasks": len(tasks), "responses": sum(len(t[1]) for t in tasks),
+        "prompts": len({repr(g.prompt) for g in groups}),
+        "unattributed_rankings": sum(g.annotator is None for g in groups), **_ties(groups),
         "annotators": dict(sorted(counts.items())),
         "units_with_several_judgements": sum(len(j) >= 2 for j in units.values()),
         "pairwise_agreement": {f"{a}|{b}": round(n / total, 4) for (a, b), (n, total) in sorted(pair_agree.items())},

@@ -43,6 +43,7 @@ from llmstack.config.curate import CurateConfig, CurateDataConfig
 from llmstack.data import sources
 from llmstack.data.curation import Audit, Pipeline, evaluate
 from llmstack.data.curation.report import render
+from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.record import RunRecord, file_sha256, write_json_atomic
 from llmstack.tracking.run_dir import RunDirError, owns_output_dir
 
@@ -238,6 +239,8 @@ def curate(cfg: CurateConfig) -> CurateResult:
         record.save()
 
     written: list[dict] = []
+    meter = EnergyMeter(cores=max(cfg.workers, 1))
+    meter.start()
     try:
         audit, files = _run(cfg, data_dir, claim_file)
     except BaseException as err:
@@ -253,6 +256,7 @@ def curate(cfg: CurateConfig) -> CurateResult:
                                     "files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
                                               for p in files]}})
     record.set_compute(1, device="cpu", workers=cfg.workers)
+    record.add_energy(meter.stop())
     record.finish("finished")
     total = audit["input"].get("passages", audit["input"]["documents"])
     log.info(f"curate: kept {audit['output']['documents']:,} of {total:,} documents in "

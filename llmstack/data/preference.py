@@ -42,6 +42,7 @@ from typing import Iterator
 
 import torch
 
+from llmstack.data import label_studio
 from llmstack.data.formats import (IMPLICIT_PREFERENCE, PREFERENCE, RANKING, continuation_text, plain_ids,
                                    prompt_ids, record_type, refusal, text_ids, text_or_messages, with_eos)
 from llmstack.data.sources import DataError, iter_records, synthetic_count
@@ -256,49 +257,11 @@ def _oasst_walk(node: dict, path: list[dict], where: str, include_synthetic: boo
 
 
 def import_label_studio(path: str | Path) -> Iterator[PreferenceGroup]:
-    """A Label Studio JSON export of pairwise tasks, one group per annotation.
-
-    Expected shape (the Pairwise template with `toName="answer1,answer2"`):
-      [{"id": 7, "data": {"prompt": "...", "answer1": "...", "answer2": "..."},
-        "annotations": [{"completed_by": 3, "result": [{"type": "pairwise", "value": {"selected": "left"}}]}]}]
-    "left" prefers answer1, "right" answer2. Cancelled annotations and tasks without any are skipped.
-    """
-    tasks = _label_studio_tasks(Path(path))
-    for index, task in enumerate(tasks):
-        where = f"{path}, task {task.get('id', index) if isinstance(task, dict) else index}"
-        data = _field(task, "data", where, "a Label Studio task", dict)
-        for key in ("prompt", "answer1", "answer2"):
-            _field(data, key, f"{where}, field 'data'", "a pairwise task", str)
-        annotations = _field(task, "annotations", where, "a Label Studio task", list, required=False) or []
-        for number, annotation in enumerate(annotations):
-            at = f"{where}, annotation {number}"
-            if not isinstance(annotation, dict):
-                raise DataError(f"{at}: expected an object, got {type(annotation).__name__}")
-            if annotation.get("was_cancelled"):
-                continue
-            results = _field(annotation, "result", at, "a Label Studio annotation", list, required=False) or []
-            choice = next((r.get("value", {}).get("selected") for r in results
-                           if isinstance(r, dict) and r.get("type") == "pairwise" and isinstance(r.get("value"), dict)),
-                          None)
-            if choice not in ("left", "right"):
-                raise DataError(f"{at}: field 'result' has no pairwise 'value.selected' of 'left' or 'right'")
-            first, second = (data["answer1"], data["answer2"]) if choice == "left" else (data["answer2"], data["answer1"])
-            yield to_group({"prompt": data["prompt"], "chosen": first, "rejected": second,
-                            "annotator": str(annotation.get("completed_by"))}, where)
-
-
-def _label_studio_tasks(path: Path) -> list:
-    if not path.is_file():
-        raise DataError(f"{path}: a Label Studio export is one JSON file; this is not a file")
-    try:
-        tasks = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); export the tasks as JSON") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); export the tasks as JSON") from err
-    if not isinstance(tasks, list):
-        raise DataError(f"{path}: expected a JSON array of Label Studio tasks, got {type(tasks).__name__}")
-    return tasks
+    """A Label Studio JSON export, one group per completed annotation: K-way rankings of a List + Ranker
+    project (as `llmstack annotate` sets up) or pairs of a Pairwise one (`llmstack.data.label_studio`), each
+    with the annotator's id."""
+    for where, record in label_studio.read_export(path):
+        yield to_group(record, where)
 
 
 IMPORTERS = {"auto": iter_groups, "hh": import_hh, "oasst": import_oasst, "label_studio": import_label_studio}

@@ -145,15 +145,20 @@ def preferences(n_prompts: int, seed: int = 0, judges_per_prompt: int = 2, answe
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         question = f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"
         shown = _candidates(rng, a, b, answers)
-        best_first = sorted(range(len(shown)), key=lambda i: -gold_reward(question, shown[i]))
         for annotator in rng.sample(sorted(ANNOTATOR_NOISE), judges_per_prompt):
-            ranking = list(best_first)
-            for i in range(len(ranking) - 1):
-                if rng.random() < ANNOTATOR_NOISE[annotator]:
-                    ranking[i], ranking[i + 1] = ranking[i + 1], ranking[i]
             records.append({"prompt": [{"role": "user", "content": question}], "responses": shown,
-                            "ranking": ranking, "annotator": annotator})
+                            "ranking": annotator_ranking(question, shown, annotator, rng), "annotator": annotator})
     return records
+
+
+def annotator_ranking(question: str, answers: list[str], annotator: str, rng: random.Random) -> list[int]:
+    """How the simulated `annotator` (ANNOTATOR_NOISE) orders `answers`, best first: by the rubric, then
+    each neighbouring pair swapped with the annotator's chance."""
+    ranking = sorted(range(len(answers)), key=lambda i: -gold_reward(question, answers[i]))
+    for i in range(len(ranking) - 1):
+        if rng.random() < ANNOTATOR_NOISE[annotator]:
+            ranking[i], ranking[i + 1] = ranking[i + 1], ranking[i]
+    return ranking
 
 
 def rl_prompts(n_prompts: int, seed: int = 0) -> list[list[dict]]:

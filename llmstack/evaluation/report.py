@@ -110,7 +110,8 @@ def write_report(root: Path, cfg) -> str:
     rm_gold, annotator_gold = gold_agreement(rm, N_QUESTIONS, cfg.seed)
     alpha = _record(rm)["annotators"]["krippendorff_alpha"]
     readings = _readings(root, cfg, questions)
-    lines = ["# Pipeline report", "", f"Pipeline directory `{root}`; every stage's lineage is in its `record.json`.",
+    lines = ["# Pipeline report", "", "Each stage's folder holds its `record.json` and model card; "
+             "`llmstack report <folder>` draws its lineage with the chain's time and energy.",
              "", "| stage | measure | before → after |", "|---|---|---|",
              f"| curate | documents (words) | {cm['documents_in']:,} ({cm['words_in']:,}) → {cm['documents_out']:,} "
              f"({cm['words_out']:,}) |",

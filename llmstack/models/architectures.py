@@ -66,3 +66,19 @@ def tiny_config(name_or_path: str, vocab_size: int) -> tuple[PretrainedConfig, s
     settings.update({k: v for k, v in TINY.items() if v is not None or k in settings},
                     vocab_size=-(-vocab_size // 64) * 64)
     return AutoConfig.for_model(model_type, **settings), source
+
+
+def build_tiny(name_or_path: str, tokenizer, seed: int = 0, one_score: bool = False):
+    """(model, where the family was found): a causal LM of `name_or_path`'s family at the `TINY` widths with
+    random weights, its special tokens those of `tokenizer`; `one_score` marks it for use as a reward or value
+    model's backbone (one label)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, source = tiny_config(name_or_path, len(tokenizer))
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    if one_score:
+        config.num_labels = 1
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config), source

@@ -1,36 +1,233 @@
-"""`llmstack report RUN_DIR`: follow a run's parent links back to the raw text."""
+"""Lineage as a graph: every run links to all the runs it was built from, and `llmstack report RUN_DIR` draws
+them back to the raw text.
+
+A record's `parents` maps a role to a link: `model` (the weights this run started from: a run, or a name from
+outside llmstack), `data` (the curation run whose output a pretraining run read), `reward_model` (what an RL
+policy was optimised against). `parent` is the `model` (or `data`) link alone, kept for readers of one chain.
+The data a run read (its `inputs`) are the graph's leaves. A policy's graph therefore holds the SFT model
+twice, once as its own start and once as the reward model's backbone; it is drawn once, then referred to.
+
+Decisions:
+- A link keeps the parent's run directory relative to the child's (`portable_link`), so a pipeline directory
+  that is moved, copied or published keeps its links; links written with absolute paths still resolve.
+- What is shown (cards, reports) names runs by their path relative to the pipeline directory (the folder
+  holding the run) and the first 12 hex digits of their record's sha256; absolute paths stay in the host
+  section of record.json, where they describe the machine and nothing else.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from llmstack.tracking.energy import amount, energy_joules
+
+
+def portable_link(link: dict | None, run_dir: str | Path) -> dict | None:
+    """`link` as record.json keeps it: a parent run's directory relative to the run at `run_dir`."""
+    if not link or "run_dir" not in link:
+        return link
+    parent = Path(link["run_dir"]).resolve()
+    return {**link, "run_dir": os.path.relpath(parent, Path(run_dir).resolve())}
+
+
+def shown_path(value, base: str | Path):
+    """An absolute path as seen from `base` (relative, possibly with `..`); anything else unchanged."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.relpath(value, Path(base).resolve())
+    return value
+
+
+def parent_links(record: dict) -> dict[str, dict]:
+    """role -> link of everything this run was built from (records that predate `parents` hold one link)."""
+    links = {role: link for role, link in (record.get("parents") or {}).items() if link}
+    if not links and record.get("parent"):
+        links = {"model": record["parent"]}
+    return links
+
+
+@dataclass
+class Node:
+    """One run of the graph; `record` is None when its record.json is no longer on disk."""
+
+    dir: Path
+    record: dict | None
+    link: dict
+    parents: list[tuple[str, Path]] = field(default_factory=list)  # (role, the parent run's dir)
+    outside: list[tuple[str, str]] = field(default_factory=list)  # (role, a model from outside llmstack)
+
+
+def _read(run_dir: Path) -> dict | None:
+    path = run_dir / "record.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_graph(run_dir: str | Path, record: dict | None = None) -> dict[Path, Node]:
+    """Every run reachable from `run_dir` through its parent links, keyed by resolved directory (the root
+    first). `record` stands for the root's record.json when given (a card written before the file)."""
+    root = Path(run_dir).resolve()
+    record = record if record is not None else _read(root)
+    if record is None:
+        raise FileNotFoundError(f"{run_dir} holds no record.json: not an llmstack run directory")
+    graph: dict[Path, Node] = {}
+    pending = [(root, record, {"stage": record.get("stage")})]
+    while pending:
+        where, rec, link = pending.pop(0)
+        if where in graph:
+            continue
+        node = graph[where] = Node(where, rec, link)
+        for role, parent in parent_links(rec or {}).items():
+            if "run_dir" not in parent:
+                node.outside.append((role, str(parent.get("model"))))
+                continue
+            parent_dir = (where / parent["run_dir"]).resolve()
+            node.parents.append((role, parent_dir))
+            pending.append((parent_dir, _read(parent_dir), parent))
+    return graph
+
+
+def _inside(spec: str, runs: list[Path]) -> bool:
+    path = Path(spec).resolve() if os.path.isabs(spec) or Path(spec).exists() else None
+    return path is not None and any(path == run or run in path.parents for run in runs)
+
+
+def data_leaves(node: Node, base: Path) -> list[str]:
+    """The data a run read that is not another run's output, as `role: spec (fingerprint)`."""
+    leaves = []
+    for role, source in ((node.record or {}).get("inputs") or {}).items():
+        if not isinstance(source, dict) or "run_dir" in source or "model" in source:
+            continue
+        spec = str(source.get("spec"))
+        if _inside(spec, [p for _, p in node.parents]):
+            continue
+        files = source.get("files") or []
+        detail = (f"{len(files)} file(s), first sha256 {files[0]['sha256'][:12]}" if files else
+                  f"generated by {source['generator']}" if "generator" in source else
+                  ", ".join(f"{k}={v}" for k, v in source.items() if k not in ("spec", "files")))
+        leaves.append(f"{role}: {shown_path(spec, base)}" + (f" ({detail})" if detail else ""))
+    return leaves
+
+
+def run_label(node: Node, base: Path) -> str:
+    name = os.path.relpath(node.dir, base)
+    if node.record is None:
+        return f"{node.link.get('stage')} run `{name}` (record no longer on disk)"
+    sha = node.link.get("record_sha256")
+    digest = f", record sha256 {sha[:12]}" if sha else ""
+    return f"{node.record.get('stage')} run `{name}` [{node.record.get('status')}]{digest}"
+
+
+def draw(graph: dict[Path, Node], base: str | Path | None = None, detail=None) -> list[str]:
+    """The graph as an indented tree from the root: each run once, a run met again named as drawn above.
+    `detail(node)` may add lines under a run (e.g. its headline metrics)."""
+    root = next(iter(graph))
+    base = Path(base).resolve() if base is not None else root.parent
+    lines: list[str] = []
+    drawn: set[Path] = set()
+
+    def visit(key: Path, head: str, body: str) -> None:
+        node = graph[key]
+        again = key in drawn
+        lines.append(head + run_label(node, base) + (" (drawn above)" if again else ""))
+        if again:
+            return
+        drawn.add(key)
+        children = [("run", role, p) for role, p in node.parents]
+        children += [("text", "", f"{role}: {name} (weights from outside llmstack)") for role, name in node.outside]
+        children += [("text", "", leaf) for leaf in data_leaves(node, base)]
+        extra = list(detail(node)) if detail is not None else []
+        lines.extend(body + ("│  " if children else "   ") + line for line in extra)
+        for i, (kind, role, item) in enumerate(children):
+            last = i == len(children) - 1
+            branch, carry = ("└─ ", "   ") if last else ("├─ ", "│  ")
+            if kind == "run":
+                visit(item, f"{body}{branch}{role}: ", body + carry)
+            else:
+                lines.append(f"{body}{branch}{item}")
+
+    visit(root, "", "")
+    return lines
+
+
+def chain_totals(graph: dict[Path, Node]) -> dict:
+    """Wall time and energy of every run in the graph, each run counted once: {'runs', 'wall_time_s',
+    'joules', 'measured_joules', 'estimated_joules', 'unknown': runs with no energy figure, 'methods'}."""
+    totals = {"runs": 0, "wall_time_s": 0.0, "joules": 0.0, "measured_joules": 0.0, "estimated_joules": 0.0,
+              "unknown": [], "methods": []}
+    for node in graph.values():
+        if node.record is None:
+            totals["unknown"].append(node.link.get("stage"))
+            continue
+        totals["runs"] += 1
+        totals["wall_time_s"] += node.record.get("wall_time_s", 0.0)
+        joules, method = energy_joules(node.record.get("energy"))
+        if joules is None:
+            totals["unknown"].append(node.record.get("stage"))
+            continue
+        totals["joules"] += joules
+        totals[f"{method}_joules"] += joules
+        source = node.record["energy"].get("source", "?")
+        if f"{method}: {source}" not in totals["methods"]:
+            totals["methods"].append(f"{method}: {source}")
+    return totals
+
+
+def _headline(node: Node) -> list[str]:
+    record = node.record or {}
+    metrics = record.get("metrics", {})
+    headline = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("final_") and isinstance(v, float))
+    return [headline or "no metrics"]
+
+
+def format_report(run_dir: str | Path) -> str:
+    """What `llmstack report RUN_DIR` prints: the graph with each run's headline metrics, then the chain's
+    total wall time and energy."""
+    graph = load_graph(run_dir)
+    totals = chain_totals(graph)
+    lines = draw(graph, detail=_headline)
+    lines += ["", f"{totals['runs']} runs, wall time {totals['wall_time_s']:.1f} s in all; energy "
+              + describe_energy(totals)]
+    return "\n".join(lines)
+
+
+def describe_energy(totals: dict) -> str:
+    """'X kWh (measured a kWh, estimated b kWh; methods: ...)' for `chain_totals`'s figures."""
+    if totals["joules"] == 0 and totals["unknown"]:
+        return "not known for any run."
+    parts = [f"{kind} {amount(totals[f'{kind}_joules'])}" for kind in ("measured", "estimated")
+             if totals[f"{kind}_joules"]]
+    text = f"{amount(totals['joules'])} ({', '.join(parts) or 'none'}; methods: {'; '.join(totals['methods'])})"
+    missing = f"; not known for {', '.join(map(str, totals['unknown']))}" if totals["unknown"] else ""
+    return text + missing + "."
 
 
 def lineage(run_dir: str | Path) -> list[dict]:
-    """The run's record, then its parent's, and so on; stops at a parent that is not an llmstack run."""
-    chain, seen = [], set()
-    current: Path | None = Path(run_dir)
-    while current is not None and (current / "record.json").is_file() and current.resolve() not in seen:
-        seen.add(current.resolve())
-        record = json.loads((current / "record.json").read_text())
-        chain.append({"run_dir": str(current), **record})
-        parent = record.get("parent") or {}
-        current = Path(parent["run_dir"]) if "run_dir" in parent else None
-    if not chain:
-        raise FileNotFoundError(f"{run_dir} holds no record.json: not an llmstack run directory")
+    """The run's record, then its model's (backbone's, data's) parent's, and so on: the one chain of weights back to
+    the raw text, each record with its `run_dir`. Stops at a parent that is not an llmstack run."""
+    graph = load_graph(run_dir)
+    chain, key = [], next(iter(graph))
+    while key is not None and graph[key].record is not None:
+        node = graph[key]
+        chain.append({"run_dir": str(node.dir), **node.record})
+        key = next((p for role, p in node.parents if role in ("model", "backbone", "data")), None)
+        if key is not None and any(r["run_dir"] == str(key) for r in chain):
+            break
     return chain
 
 
 def format_lineage(chain: list[dict]) -> str:
+    """One line per run of `lineage`'s chain, paths relative to the folder holding the first run."""
+    base = Path(chain[0]["run_dir"]).resolve().parent
     lines = []
     for depth, record in enumerate(chain):
-        inputs = ", ".join(f"{role}: {source.get('spec', source)}" for role, source in record.get("inputs", {}).items()
-                           if isinstance(source, dict))
+        inputs = ", ".join(f"{role}: {shown_path(source.get('spec', source), base)}"
+                           for role, source in record.get("inputs", {}).items()
+                           if isinstance(source, dict) and "spec" in source)
         metrics = record.get("metrics", {})
         headline = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("final_") and isinstance(v, float))
-        lines.append(f"{'  ' * depth}{'<- ' if depth else ''}{record['stage']} [{record['status']}] {record['run_dir']}")
+        name = os.path.relpath(Path(record["run_dir"]).resolve(), base)
+        lines.append(f"{'  ' * depth}{'<- ' if depth else ''}{record['stage']} [{record['status']}] {name}")
         lines.append(f"{'  ' * depth}   inputs: {inputs or '-'}; {headline or 'no metrics'}")
-    last_parent = chain[-1].get("parent")
-    if last_parent and "run_dir" not in last_parent:
-        lines.append(f"{'  ' * len(chain)}<- {last_parent.get('model', last_parent)} (outside llmstack)")
     return "\n".join(lines)

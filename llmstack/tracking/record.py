@@ -1,13 +1,13 @@
-"""The run record (record.json) and the model card: what went in, what came out, and under what code.
+"""The run record (record.json): what went in, what came out, and under what code.
 
 A stage that starts from another run's `model/` links to that run's record (path and sha256), so a final
-model carries its lineage back to the raw text. Everything here that writes is for the main process only.
+model carries its lineage back to the raw text (`llmstack.tracking.lineage`); the model card is written from
+the record by `llmstack.tracking.card`. Everything here that writes is for the main process only.
 
 Decisions:
 - A resumed run keeps one record: each process lifetime is a "session" (start, end, status, wall time),
   earlier sessions are carried over from the record on disk, and `wall_time_s` is their sum. A session
   that was running when the record was last saved and never finished is marked "crashed".
-- The model card is generated from the record alone, so it never claims more than the record holds.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import llmstack
 from llmstack.config import objects
+from llmstack.tracking.energy import combine
+from llmstack.tracking.lineage import portable_link
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -108,6 +110,18 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name: /proc/cpuinfo's "model name" on Linux (platform.processor() is often empty
+    there), the platform's answer elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def _accelerators() -> list[str]:
     import torch
 
@@ -131,20 +145,33 @@ class RunRecord:
                 session["status"] = "crashed"
         self.session = {"started": _stamp(self._started), "status": "running", "wall_time_s": 0.0}
         self.data = {"stage": stage, "status": "running", "started": (earlier or [self.session])[0]["started"],
-                     "wall_time_s": 0.0, "sessions": [*earlier, self.session], "parent": parent,
-                     "inputs": inputs, "config": config, "code": code_version(),
-                     "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
-                              "cpus": os.cpu_count(), "accelerators": _accelerators()}}
+                     "wall_time_s": 0.0, "sessions": [*earlier, self.session], "parent": None,
+                     "inputs": {}, "config": config, "code": code_version(),
+                     "host": {"hostname": socket.gethostname(), "run_dir": str(Path(run_dir).resolve()),
+                              "platform": platform.platform(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
+                              "accelerators": _accelerators()}}
+        self.update(parent=parent, inputs=inputs)
 
     def update(self, **sections) -> None:
-        """Set sections; a dict section already present is merged key by key, anything else is replaced."""
+        """Set sections; a dict section already present is merged key by key, anything else is replaced.
+        Links to other runs (in `parent`, `parents` and `inputs`) are kept relative to this run's directory."""
         for name, value in sections.items():
+            if name == "parent":
+                value = portable_link(value, self.path.parent)
+            elif name in ("parents", "inputs") and isinstance(value, dict):
+                value = {k: portable_link(v, self.path.parent) if isinstance(v, dict) else v for k, v in value.items()}
             old = self.data.get(name)
             self.data[name] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
 
     def set_compute(self, world_size: int, **facts) -> None:
         """Processes taking part and what they ran on (e.g. device, peak_flops_per_device, peak_source)."""
         self.update(compute={"world_size": world_size, **facts})
+
+    def add_energy(self, reading: dict) -> None:
+        """This session's energy (`EnergyMeter.stop()`); the record's `energy` is every session's together."""
+        self.session["energy"] = reading
+        self.data["energy"] = combine([s.get("energy") or {"unmeasured": f"session {s.get('started')} recorded no "
+                                                           "energy"} for s in self.data["sessions"]])
 
     def save(self) -> None:
         self.session["wall_time_s"] = round(time.time() - self._started, 3)
@@ -164,135 +191,3 @@ class RunRecord:
         return _read_record(Path(run_dir) / "record.json")
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
-
-
-def _ancestors(record: dict, limit: int = 20) -> list[str]:
-    """One line per earlier run, oldest first, read from the parents' own records where they still exist."""
-    lines, parent, seen = [], record.get("parent"), set()
-    while parent and len(lines) < limit:
-        if "run_dir" not in parent:
-            lines.append(f"`{parent.get('model')}` (weights from outside llmstack)")
-            break
-        path = Path(parent["run_dir"]) / "record.json"
-        if parent["run_dir"] in seen:  # records that link in a circle: each run is listed once
-            break
-        if not path.is_file():
-            lines.append(f"`{parent.get('stage')}` run `{parent['run_dir']}` (record no longer on disk)")
-            break
-        seen.add(parent["run_dir"])
-        earlier = _read_record(path)
-        data = ", ".join(f"`{s.get('spec', s)}`" if isinstance(s, dict) else f"`{s}`"
-                         for s in earlier.get("inputs", {}).values()) or "no recorded inputs"
-        lines.append(f"`{earlier.get('stage')}` run `{parent['run_dir']}` on {data} "
-                     f"(record sha256 `{parent.get('record_sha256', '?')[:16]}`)")
-        parent = earlier.get("parent")
-    return lines[::-1]
-
-
-def _data_lines(record: dict) -> list[str]:
-    inputs = record.get("inputs") or {}
-    lines = ["## Training data", ""]
-    lines += ["| input | source | files and sha256 |", "|---|---|---|"] if inputs else ["No inputs were recorded."]
-    for role, source in inputs.items():
-        source = source if isinstance(source, dict) else {"spec": source}
-        files = source.get("files")
-        detail = "<br>".join(f"`{f['path']}` ({_fmt(f.get('bytes', '?'))} bytes) `{f['sha256']}`" for f in files) \
-            if files else ", ".join(f"{k}={v}" for k, v in source.items() if k != "spec") or "-"
-        lines.append(f"| {role} | `{source.get('spec')}` | {detail} |")
-    facts = record.get("data")
-    return lines + ["", *_bullets(facts)] if facts else lines
-
-
-def _bullets(facts: dict, depth: int = 0) -> list[str]:
-    lines = []
-    for key, value in facts.items():
-        nested = isinstance(value, dict) and bool(value)
-        lines.append(f"{'  ' * depth}- {key}" + ("" if nested else f": {_fmt(value)}"))
-        lines += _bullets(value, depth + 1) if nested else []
-    return lines
-
-
-SETUP_KEYS = ("seed", "model.name_or_path", "model.preset", "data.block_size", "data.max_length", "train.max_steps",
-              "train.batch_size", "train.grad_accum", "train.lr", "train.schedule", "train.warmup_steps",
-              "train.weight_decay", "train.max_grad_norm", "train.precision", "lora.enabled")
-
-
-def _setup_lines(config: dict) -> list[str]:
-    def get(dotted: str):
-        node = config
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return node
-
-    rows = [f"| `{key}` | {_fmt(get(key))} |" for key in SETUP_KEYS if get(key) is not None]
-    return ["## Training set-up", "", "| key | value |", "|---|---|", *rows, "",
-            "The full resolved configuration is in `config.yaml` and in `record.json`."]
-
-
-def _results_lines(metrics: dict) -> list[str]:
-    # the stages record held-out metrics as initial_<name> (before training) and final_<name> (after)
-    paired = [k.removeprefix("final_") for k in metrics if k.startswith("final_") and f"initial_{k[6:]}" in metrics]
-    lines = ["## Results", ""]
-    if paired:
-        lines += ["| held-out metric | before training | after training |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(metrics[f'initial_{k}'])} | {_fmt(metrics[f'final_{k}'])} |" for k in paired]
-        lines.append("")
-    shown = {f"{when}_{k}" for k in paired for when in ("initial", "final")}
-    rest = {k: v for k, v in metrics.items() if k not in shown}
-    if rest:
-        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in rest.items())]
-    return lines if len(lines) > 2 else lines + ["No metrics were recorded."]
-
-
-def _compute_line(record: dict) -> str:
-    compute, sessions = record.get("compute", {}), len(record.get("sessions", []))
-    accelerators = record.get("host", {}).get("accelerators")
-    tokens = record.get("metrics", {}).get("tokens_seen")
-    line = f"{compute.get('world_size', 1)} process(es) on `{compute.get('device', '?')}`"
-    line += f" ({', '.join(accelerators)})" if accelerators else ""
-    line += f", wall time {_duration(record.get('wall_time_s', 0.0))}"
-    line += f" over {sessions} sessions (resumed)" if sessions > 1 else ""
-    line += f", {_fmt(tokens)} training tokens." if tokens is not None else "."
-    energy = record.get("energy")
-    if not energy:
-        return line
-    if "unmeasured" in energy:
-        return f"{line} Energy was not measured: {energy['unmeasured']}."
-    joules = sum(energy.get(k, 0.0) for k in ("cpu_joules", "gpu_joules"))
-    return f"{line} Energy: {joules / 3.6e6:.3g} kWh ({energy.get('source', '?')}; {energy.get('note', '')})."
-
-
-def write_model_card(run_dir: str | Path, record: dict) -> None:
-    """Write MODEL_CARD.md (main process only) from `record`, the content of record.json."""
-    code, model = record.get("code", {}), record.get("model", {})
-    stage = record.get("stage", "?")
-    commit = f" (commit `{code['git_commit'][:12]}`{', modified' if code.get('git_dirty') else ''})" \
-        if "git_commit" in code else ""
-    lines = [f"# {Path(run_dir).resolve().name}: {stage} model", "",
-             f"Trained by llmstack {code.get('llmstack', '?')}{commit}, stage `{stage}`. "
-             f"Status **{record.get('status', '?')}**, ended {record.get('ended', '?')}.", ""]
-    if model:
-        trainable = model.get("trainable_parameters")
-        lines += [f"Architecture `{model.get('class', '?')}` with {model.get('parameters', 0) / 1e6:.2f}M parameters"
-                  + (f" ({trainable / 1e6:.2f}M trained)." if trainable is not None else "."), ""]
-    ancestors = _ancestors(record)
-    last = f"{len(ancestors) + 1}. this run: `{stage}`" if ancestors else "Trained from freshly initialised weights."
-    lines += ["## Lineage", "", *(f"{i}. {line}" for i, line in enumerate(ancestors, 1)), last, ""]
-    lines += [*_data_lines(record), "", *_setup_lines(record.get("config", {})), "",
-              *_results_lines(record.get("metrics", {})), ""]
-    lines += ["## Compute", "", _compute_line(record), "", "## Limitations", "",
-              "This model was trained by llmstack on the data listed above only, and reproduces that data's content, "
-              "gaps and biases. It has not been evaluated for safety, factuality or fitness for any particular use; "
-              "the results above are the only evaluation it has had."]
-    (Path(run_dir) / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

@@ -323,18 +323,8 @@ def _load_trained(acc: Accelerator, index: int, trained: Trained, path: Path) ->
 
 def _load_tensors_only(path: str, map_location=None):
     """DeepSpeed's reader, restricted to tensors, plain containers and the few DeepSpeed records listed."""
-    with torch.serialization.safe_globals(_deepspeed_records()):
+    with torch.serialization.safe_globals(distributed.deepspeed_checkpoint_records()):
         return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _deepspeed_records() -> list:
-    """Classes DeepSpeed's optimiser state holds as plain data (the ZeRO stage, the loss scale, a fragment's
-    offsets): rebuilt from their saved fields; nothing else named in a file can be loaded."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -230,3 +230,14 @@ def full_model(acc: Accelerator, model) -> Iterator[torch.nn.Module]:
         yield copy
     finally:
         del copy, state
+
+
+def deepspeed_checkpoint_records() -> list:
+    """Classes DeepSpeed's optimiser state holds as plain data (the ZeRO stage, the loss scale, a fragment's
+    offsets), the only ones a checkpoint reader may rebuild from their saved fields (`trainers/checkpoint.py`
+    loads DeepSpeed's files with `weights_only=True` and these allowed); nothing else named in a file loads."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

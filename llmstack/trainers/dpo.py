@@ -28,8 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from llmstack.config import DPOConfig
 from llmstack.data import batching, sources
+from llmstack.data.agreement import annotator_statistics
 from llmstack.data.batching import to_device
 from llmstack.data.chat import ensure_chat_template
+from llmstack.data.label_studio import annotation_facts
 from llmstack.data.preference import PAD_SEGMENT, build_preference_rows, load_groups, shared_prompt_mask
 from llmstack.data.prompts import left_padded
 from llmstack.evaluation.heldout import preference_metrics
@@ -213,7 +215,9 @@ def dpo(cfg: DPOConfig, callbacks=()) -> LoopResult | None:
 
     record = {"inputs": {"train": sources.describe_source(d.train),
                          **({"eval": sources.describe_source(d.eval)} if d.eval else {})},
-              "parent": find_parent(m.name_or_path),
+              "parent": find_parent(m.name_or_path), "parents": {"model": find_parent(m.name_or_path)},
+              "annotators": annotator_statistics(train_groups + held_groups),
+              "annotation": annotation_facts(d.train),
               "data": {"train": train_rows.inner.stats if reference else train_rows.stats, "format": d.format},
               "kernels": kernels.summary(), "algorithm": {"name": "dpo", **vars(cfg.dpo)}}
     return run_supervised_stage(run, model, tokenizer, batches, objective, d.max_length,

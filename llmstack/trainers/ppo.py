@@ -259,8 +259,9 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
     s = setup(run, cfg, reward_funcs or {})
     state = resume(run, s.restore) or LoopState()
     if run.record is not None:
-        run.record.update(parent=find_parent(cfg.model.name_or_path), inputs={"prompts": {"spec": cfg.data.train},
-                          "reward_model": find_parent(cfg.reward_model.name_or_path)},
+        start, reward_model = find_parent(cfg.model.name_or_path), find_parent(cfg.reward_model.name_or_path)
+        run.record.update(parent=start, parents={"model": start, "reward_model": reward_model},
+                          inputs={"prompts": {"spec": cfg.data.train}, "reward_model": reward_model},
                           data={"prompts": len(s.prompt_rows)}, resumed_from_step=state.step or None,
                           kernels=s.kernels.summary(),
                           algorithm={"estimator": cfg.ppo.estimator, "critic": s.models.value is not None,
@@ -268,6 +269,7 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
                                      "loss_aggregation": cfg.ppo.loss_aggregation, "kl_in": cfg.ppo.kl_in,
                                      "kl_estimator": cfg.ppo.kl_estimator},
                           reward_sources=[{"name": source.name, "weight": weight} for source, weight in s.sources])
+        run.record.set_compute(acc.num_processes, device=str(acc.device))
         run.record.save()
     log.info(f"ppo: {len(s.prompt_rows)} prompts; {cfg.rollout.batch_size} per process x {acc.num_processes} "
              f"processes per step, {cfg.ppo.epochs} epochs of minibatches of {cfg.train.batch_size}")

@@ -114,6 +114,7 @@ def pretrain(cfg: PretrainConfig, callbacks=()) -> LoopResult | None:
 
     parent, curation = _parent(cfg)
     record = {"inputs": _inputs(cfg), "parent": parent,
+              "parents": {"data" if curation else "model": parent},
               "data": {**data_facts, "tokenizer": _tokenizer_facts(cfg, tokenizer), **curation},
               "kernels": kernels.summary()}
     return run_supervised_stage(run, model, tokenizer, batches, lm_objective(kernels.plan), cfg.data.block_size,

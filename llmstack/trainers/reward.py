@@ -15,6 +15,7 @@ from llmstack.config import RewardConfig
 from llmstack.data import batching, sources
 from llmstack.data.agreement import annotator_statistics, format_table
 from llmstack.data.chat import ensure_chat_template
+from llmstack.data.label_studio import annotation_facts
 from llmstack.data.preference import PAD_SEGMENT, build_preference_rows, load_groups, shared_prompt_mask
 from llmstack.evaluation.heldout import preference_metrics, score_statistics
 from llmstack.losses import ranking_loss_sum
@@ -84,10 +85,10 @@ def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
 
     record = {"inputs": {"train": sources.describe_source(d.train),
                          **({"eval": sources.describe_source(d.eval)} if d.eval else {})},
-              "parent": find_parent(m.name_or_path),
+              "parent": find_parent(m.name_or_path), "parents": {"backbone": find_parent(m.name_or_path)},
               "data": {"train": train_rows.stats, "held_out": held_rows.stats if held_rows else None,
                        "format": d.format},
-              "annotators": agreement}
+              "annotators": agreement, "annotation": annotation_facts(d.train)}
     return run_supervised_stage(run, model, tokenizer, batches, objective, d.max_length,
                                 held_out if held_rows else None, record, after_eval=metrics,
                                 before_save=store_normalisation)

@@ -8,6 +8,7 @@ run directory looks the same:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from llmstack.trainers.checkpoint import Checkpointer
 from llmstack.trainers.callbacks import Callbacks, TrackerCallback
 from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
-from llmstack.tracking.record import RunRecord, write_model_card
+from llmstack.tracking.card import write_model_card
+from llmstack.tracking.record import RunRecord
 from llmstack.tracking.run_dir import RunDirError
 
 
@@ -73,7 +75,10 @@ def open_run(cfg, stage: str, callbacks=()) -> Run:
         acc.init_trackers(stage, config=_flat(to_dict(cfg)))
     set_seed(cfg.seed)
     record = RunRecord(out, stage, to_dict(cfg), inputs={}, parent=None) if acc.is_main_process else None
-    run = Run(cfg, stage, out, acc, checkpointer, metrics, record, callbacks=hooks)
+    # each process of the run computes on its own cores; those on this machine count towards its power
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    run = Run(cfg, stage, out, acc, checkpointer, metrics, record, callbacks=hooks,
+              energy=EnergyMeter(power_watts=train.power_watts, processes=here))
     run.energy.start()
     return run
 
@@ -124,7 +129,8 @@ def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adap
             save_model(final, tokenizer, run.dir / "model", state_dict=state_dict)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        run.record.update(metrics=summary, energy=run.energy.stop(), **({"stop_reason": reason} if reason else {}))
+        run.record.update(metrics=summary, **({"stop_reason": reason} if reason else {}))
+        run.record.add_energy(run.energy.stop())
         run.record.finish(status)
         if completed:
             write_model_card(run.dir, run.record.data)

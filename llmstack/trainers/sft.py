@@ -113,7 +113,7 @@ def sft(cfg: SFTConfig, callbacks=()) -> LoopResult | None:
 
     record = {"inputs": {"train": sources.describe_source(d.train),
                          **({"eval": sources.describe_source(d.eval)} if d.eval else {})},
-              "parent": find_parent(m.name_or_path),
+              "parent": find_parent(m.name_or_path), "parents": {"model": find_parent(m.name_or_path)},
               "data": {"train": train_rows.stats, "held_out": held_rows.stats if held_rows else None,
                        "chat_template": "llmstack default" if template_added else "the tokenizer's own"},
               "kernels": kernels.summary()}

@@ -56,8 +56,11 @@ def crashed_run(tmp_path, monkeypatch, step: int = 4, name: str = "run", *overri
 
 
 def snapshot(run_dir: pathlib.Path) -> dict:
+    """Every file's hash, but the lock's: each run, refused or not, writes its own pid and host there."""
+    from llmstack.tracking.run_dir import LOCK_FILE
+
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def payload(marker: pathlib.Path) -> bytes:

@@ -7,8 +7,7 @@ import pytest
 
 import llmstack
 import llmstack.tracking.record as record_mod
-from llmstack.tracking.record import (RunRecord, code_version, file_sha256, find_parent, write_json_atomic,
-                                      write_model_card)
+from llmstack.tracking.record import RunRecord, code_version, cpu_model, file_sha256, find_parent, write_json_atomic
 
 
 def test_file_sha256_streams_in_chunks(tmp_path):
@@ -106,61 +105,33 @@ def test_a_resumed_run_keeps_its_earlier_sessions(tmp_path):
     assert saved["wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in saved["sessions"]), abs=1e-3)
 
 
-def table_widths(markdown: str) -> list[set[int]]:
-    """Number of cells per row, one set per table: a well-formed table has one width."""
-    tables, current = [], None
-    for line in markdown.splitlines() + [""]:
-        if line.startswith("|"):
-            current = (current or set()) | {line.count("|")}
-        elif current is not None:
-            tables.append(current)
-            current = None
-    return tables
-
-
-def test_model_card_states_data_metrics_setup_and_lineage(tmp_path):
-    pretrain = tmp_path / "pretrain"
-    (pretrain / "model").mkdir(parents=True)
-    RunRecord(pretrain, "pretrain", {}, {"train": {"spec": "corpus.txt"}}, None).finish("finished")
-    sft = tmp_path / "sft"
-    (sft / "model").mkdir(parents=True)
-    sft_parent = find_parent(str(pretrain / "model"))
-    RunRecord(sft, "sft", {}, {"train": {"spec": "chats.jsonl"}}, sft_parent).finish("finished")
-
-    digest = "ab" * 32
-    child = RunRecord(tmp_path / "reward", "reward", {"seed": 3, "train": {"lr": 1e-5, "max_steps": 9}},
-                      {"train": {"spec": "prefs.jsonl", "files": [{"path": "prefs.jsonl", "bytes": 2048,
-                                                                   "sha256": digest}]},
-                       "eval": {"spec": "Anthropic/hh-rlhf", "revision": "abc123"}},
-                      find_parent(str(sft / "model")))
-    child.update(metrics={"steps": 9, "train_loss": 0.61234, "initial_eval_loss": 0.6931, "final_eval_loss": 0.5012,
-                          "tokens_seen": 123456},
-                 model={"class": "Qwen2ForSequenceClassification", "parameters": 2_000_000},
-                 data={"dropped_pairs": 4}, energy={"cpu_joules": 5.4e6, "gpu_joules": 1.8e6, "source": "RAPL + NVML",
-                                                     "note": "whole devices"})
-    child.set_compute(2, device="cpu")
+def test_links_to_other_runs_are_kept_relative_to_the_run(tmp_path):
+    parent = tmp_path / "pipeline" / "sft"
+    (parent / "model").mkdir(parents=True)
+    RunRecord(parent, "sft", {}, {}, None).finish("finished")
+    link = find_parent(str(parent / "model"))
+    child = RunRecord(tmp_path / "pipeline" / "reward", "reward", {}, {"policy": link}, link)
+    child.update(parents={"backbone": link})
     child.finish("finished")
-    write_model_card(tmp_path / "reward", RunRecord.load(tmp_path / "reward"))
-    card = (tmp_path / "reward" / "MODEL_CARD.md").read_text()
-
-    assert "| eval_loss | 0.6931 | 0.5012 |" in card and "| train_loss | 0.6123 |" in card
-    assert f"`{digest}`" in card and "2,048 bytes" in card and "revision=abc123" in card
-    assert "| `train.lr` | 1e-05 |" in card and "| `seed` | 3 |" in card
-    assert "2.00M parameters" in card and "123,456 training tokens" in card and "2 process(es)" in card
-    lineage = card.split("## Lineage")[1].split("##")[0]
-    assert lineage.index("`pretrain` run") < lineage.index("`sft` run") < lineage.index("this run: `reward`")
-    assert "corpus.txt" in lineage and "chats.jsonl" in lineage
-    assert "Energy: 2 kWh (RAPL + NVML; whole devices)." in card
-    assert "not been evaluated for safety" in card
-    assert all(len(widths) == 1 for widths in table_widths(card))
+    saved = RunRecord.load(tmp_path / "pipeline" / "reward")
+    assert saved["parent"]["run_dir"] == saved["parents"]["backbone"]["run_dir"] == "../sft"
+    assert saved["inputs"]["policy"]["run_dir"] == "../sft"
+    # the only absolute path left is the host's own description of where the run lived
+    assert saved["host"]["run_dir"] == str((tmp_path / "pipeline" / "reward").resolve())
 
 
-def test_model_card_of_a_fresh_run_with_no_metrics(tmp_path):
-    record = RunRecord(tmp_path, "pretrain", {}, {}, None)
-    record.update(data={"tokenizer": {"source": "trained", "vocab_size": 384}}, energy={"unmeasured": "no counters"})
-    record.finish("finished")
-    write_model_card(tmp_path, RunRecord.load(tmp_path))
-    card = (tmp_path / "MODEL_CARD.md").read_text()
-    assert "freshly initialised weights" in card and "No metrics were recorded." in card
-    assert "Energy was not measured: no counters." in card
-    assert "No inputs were recorded." in card and "- tokenizer\n  - source: trained\n  - vocab_size: 384\n" in card
+def test_cpu_model_reads_the_marketing_name():
+    with open("/proc/cpuinfo") as fh:
+        names = {line.split(":", 1)[1].strip() for line in fh if line.startswith(("model name", "Model"))}
+    assert cpu_model() in names if names else cpu_model()
+
+
+def test_energy_of_a_resumed_run_is_the_sum_of_its_sessions(tmp_path):
+    first = RunRecord(tmp_path, "sft", {}, {}, None)
+    first.add_energy({"method": "measured", "joules": 100.0, "cpu_joules": 100.0, "source": "RAPL"})
+    first.finish("interrupted")
+    second = RunRecord(tmp_path, "sft", {}, {}, None)
+    second.add_energy({"method": "estimated", "joules": 50.0, "source": "CPU model"})
+    second.finish("finished")
+    energy = RunRecord.load(tmp_path)["energy"]
+    assert energy["joules"] == 150.0 and energy["method"] == "estimated" and energy["sessions"] == 2
