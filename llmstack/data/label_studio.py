@@ -110,7 +110,7 @@ def _ranking_record(data: dict, order, where: str) -> dict:
 def _pairwise_record(data: dict, choice, where: str) -> dict:
     missing = [k for k in ("prompt", "answer1", "answer2") if k not in data]
     if missing:
-        raise DataError(f"{where}: field 'data' misses {', '.join(missing)}")
+        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} in the task's 'data'")
     if choice not in ("left", "right"):
         raise DataError(f"{where}: pairwise 'selected' is {choice!r}; expected 'left' or 'right'")
     first, second = (data["answer1"], data["answer2"]) if choice == "left" else (data["answer2"], data["answer1"])
@@ -132,13 +132,14 @@ def read_export(path: str | Path) -> Iterator[tuple[str, dict]]:
     if not isinstance(tasks, list):
         raise DataError(f"{path}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}")
     for index, task in enumerate(tasks):
-        if not isinstance(task, dict) or not isinstance(task.get("data", {}), dict) \
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict) \
                 or not isinstance(task.get("annotations", []), list):
-            raise DataError(f"{path}, task {index}: expected an object with 'data' (an object) and 'annotations' "
-                            "(a list), as Label Studio exports them")
+            name = task.get("id", index) if isinstance(task, dict) else index
+            raise DataError(f"{path}, task {name}: missing field 'data' of a Label Studio task, or 'annotations' "
+                            "is not a list; each task is an object with 'data' (an object) and 'annotations'")
         data = task.get("data", {})
         for number, annotation in enumerate(task.get("annotations", [])):
-            where = f"{path}, task {task.get('id', index)}, annotation {number}"
+            where = f"{path}, task {task.get('id', index)}, annotation {annotation.get('id', number) if isinstance(annotation, dict) else number}"
             if not isinstance(annotation, dict) or not isinstance(annotation.get("result", []), list):
                 raise DataError(f"{where}: expected an object with a 'result' list")
             if annotation.get("was_cancelled"):

@@ -22,7 +22,8 @@ def int_fields(cls, prefix=""):
 
 # what each stage needs besides the key under test to be a valid configuration
 VALID = {"sft": ["model.name_or_path=m"], "reward": ["model.name_or_path=m"], "dpo": ["model.name_or_path=m"],
-         "ppo": ["model.name_or_path=m", "reward_model.name_or_path=r"], "grpo": ["model.name_or_path=m"]}
+         "ppo": ["model.name_or_path=m", "reward_model.name_or_path=r"],
+         "grpo": ["model.name_or_path=m", "reward_funcs=[numeric_match]"]}
 
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if s != "pipeline"])
