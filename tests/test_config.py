@@ -126,3 +126,14 @@ def test_a_key_one_section_too_high_is_pointed_to_its_section():
     with pytest.raises(ConfigError) as err:
         load_config(PipelineConfig, None, ["ppo.name_or_path=x"])
     assert "Did you mean" not in str(err.value)
+
+
+def test_a_missing_model_that_a_tiny_config_writes_names_the_command_to_run_first(monkeypatch):
+    from pathlib import Path
+
+    from llmstack.config.paths import producing_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert producing_config("runs/tiny-sft/model") == "llmstack sft --config configs/tiny/sft.yaml"
+    assert producing_config("runs/tiny-reward") == "llmstack reward --config configs/tiny/reward.yaml"
+    assert producing_config("runs/somewhere-else/model") is None

@@ -107,5 +107,27 @@ def _input(key: str, value: str) -> str:
     if not Path(path).exists():
         shown = value if path == value else f"{value} (= {path})"
         where = "" if Path(path).is_absolute() else f" (relative to {os.getcwd()})"
-        raise ConfigError(f"config key '{key}': no such file or directory: {shown}{where}; check the path")
+        producer = producing_config(path)
+        todo = f"it is written by another run: run `{producer}` first" if producer else "check the path"
+        raise ConfigError(f"config key '{key}': no such file or directory: {shown}{where}; {todo}")
     return path
+
+
+def producing_config(path: str, configs: str = "configs") -> str | None:
+    """The command whose run writes `path` (its `model/`, or the run directory itself), found among the
+    YAML configurations under `configs/` of the working directory (the repository's tiny and example configs),
+    or None. Stages read the previous stage's output by path, so a missing one usually means that stage has
+    not run yet."""
+    import yaml
+
+    wanted = Path(path).resolve()
+    for config in sorted(Path(configs).glob("*/*.yaml")):
+        try:
+            settings = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        out = settings.get("output_dir") if isinstance(settings, dict) else None
+        if isinstance(out, str) and wanted in (Path(out).resolve(), (Path(out) / "model").resolve()):
+            stage = config.stem.split("-")[0]
+            return f"llmstack {stage} --config {config}"
+    return None
