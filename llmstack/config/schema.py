@@ -28,6 +28,12 @@ class ModelConfig:
     vocab_size: int = option(4096, "Vocabulary size of a tokenizer trained for a preset model.", ge=259)
     trust_remote_code: bool = option(False, "Run model code shipped with a Hub repository (off: it executes "
                                      "arbitrary code).")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "Weights' dtype. auto: a trained model keeps fp32 master weights (train.precision casts per op), "
+        "a frozen one (reward model) loads in the compute dtype; a frozen copy compared token by token with the "
+        "trained model (the RL reference) shares its dtype. bf16/fp16: every model in it (pure low precision).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = option(
+        None, "Attention kernel passed to Hugging Face; null: its default (sdpa where the model supports it).")
 
     def validate(self, prefix: str) -> None:
         if self.name_or_path is None and self.preset is None:
@@ -65,8 +71,10 @@ class TrainConfig:
     weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to biases and norms).", ge=0.0)
     adam_betas: list[float] = option(default_factory=lambda: [0.9, 0.95], help="AdamW (beta1, beta2).")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", ge=0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Mixed precision for forward/backward; "
-                                                        "weights and optimiser state stay fp32. fp16 needs CUDA.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "fp32", "Mixed precision (autocast) for forward/backward; model.dtype decides the weights. auto: bf16 on "
+        "CUDA devices with bf16 and on CPUs with AVX512-BF16 or AMX, fp32 elsewhere (resolved value in "
+        "record.json). fp16 needs CUDA.")
     log_every: int = option(10, "Write metrics.jsonl and trackers every N steps.", ge=1)
     eval_every: int = option(100, "Evaluate on held-out data every N steps (and at the end); 0 disables.", ge=0)
     eval_batches: int = option(20, "Cap on evaluation micro-batches per process; 0 evaluates all.", ge=0)

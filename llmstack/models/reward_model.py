@@ -20,12 +20,15 @@ from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
 from llmstack.rl.experience import join
 
 
-def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code: bool = False):
-    """A one-label sequence classifier; a new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et
-    al. 2019, so early rewards are near zero and the backbone's features dominate the first updates. Value
-    models are loaded the same way (they start from a reward model, or a policy)."""
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32,
-                                                               trust_remote_code=trust_remote_code)
+def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code: bool = False,
+                      dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """A one-label sequence classifier with weights in `dtype` (`llmstack.models.causal_lm.weight_dtype`); a
+    new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et al. 2019, so early rewards are near zero
+    and the backbone's features dominate the first updates. Value models are loaded the same way (they start
+    from a reward model, or a policy)."""
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
+                                                               trust_remote_code=trust_remote_code, **extra)
     model.config.pad_token_id = tokenizer.pad_token_id
     if not any(a.endswith("ForSequenceClassification") for a in getattr(model.config, "architectures", None) or []):
         generator = torch.Generator().manual_seed(seed)

@@ -32,8 +32,43 @@ class NonFiniteLossError(RuntimeError):
 # Accelerator and the start-of-run report
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX; /proc/cpuinfo's flags). Without
+    either, torch emulates bf16 matmuls through fp32 and autocast only adds casts."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, cuda: bool | None = None, cpuinfo: str | None = None) -> str:
+    """`train.precision` as a run uses it: `auto` is bf16 on a CUDA device with bf16 (Ampere and later) and
+    on a CPU with AVX512-BF16 or AMX, fp32 elsewhere; other values are kept."""
+    if precision != "auto":
+        return precision
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if cpu_has_bf16(cpuinfo) else "fp32"
+
+
+def compute_precision(acc: Accelerator) -> str:
+    """The run's resolved precision (fp32 | bf16 | fp16), from the accelerator's mixed-precision mode."""
+    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(acc.mixed_precision)]
+
+
 def make_accelerator(precision: str, grad_accum: int, trackers: list[str], project_dir: str,
                      micro_batch: int | None = None, max_grad_norm: float = 0.0) -> Accelerator:
+    precision = resolve_precision(precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision=fp16 needs a CUDA device (it relies on loss scaling); "
                          "use train.precision=bf16 or fp32 on CPU")

@@ -42,7 +42,7 @@ from llmstack.models.fused import apply_kernels
 from llmstack.models.lora import adapters_disabled, prepare_for_training
 from llmstack.rl.rollout import SamplingSettings, rollout
 from llmstack.rl.sampling import row_seeds
-from llmstack.trainers.base import log
+from llmstack.trainers.base import compute_precision, log
 from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
@@ -140,15 +140,17 @@ def _reference_for(run, cfg: DPOConfig, model, train_rows, held_rows, kernels) -
     return saved
 
 
-def kl_reader(acc, cfg: DPOConfig, tokenizer, prompts: list, kernels: KernelPlan):
+def kl_reader(acc, cfg: DPOConfig, tokenizer, prompts: list, kernels: KernelPlan, dtype: torch.dtype):
     """f(policy, step) -> {'eval_kl': mean over sampled answers to held-out prompts of log pi - log ref}, or
     None when `dpo.kl_prompts` is 0. Answers are sampled at temperature 1 from fixed seeds, so every
-    evaluation reads the same prompts the same way."""
+    evaluation reads the same prompts the same way. The reference is held in the policy's weight `dtype` and
+    run under the same autocast, so before the first update the two agree exactly."""
     if not cfg.dpo.kl_prompts or not prompts:
         return None
     m = cfg.model
-    reference = None if cfg.lora.enabled else causal_lm.no_dropout(
-        causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)).requires_grad_(False).eval()
+    reference = None if cfg.lora.enabled else causal_lm.no_dropout(causal_lm.load_causal_lm(
+        m.name_or_path, m.gguf_file, m.trust_remote_code, dtype=dtype,
+        attn_implementation=m.attn_implementation)).requires_grad_(False).eval()
     if reference is not None:
         reference.to(acc.device)
     rows = left_padded(tokenizer, prompts[:cfg.dpo.kl_prompts], cfg.data.max_length)
@@ -160,10 +162,11 @@ def kl_reader(acc, cfg: DPOConfig, tokenizer, prompts: list, kernels: KernelPlan
         engine.load_weights(policy)
         exp = rollout(engine, rows.input_ids.to(acc.device), rows.attention_mask.to(acc.device), rows.index,
                       row_seeds(cfg.seed, 0, rows.index))
-        logp, _ = token_logprobs(policy, *exp.response_args(), 1.0, kernels)
-        disabled = adapters_disabled(policy) if reference is None else contextlib.nullcontext()
-        with disabled:
-            ref_logp, _ = token_logprobs(reference or policy, *exp.response_args(), 1.0, kernels)
+        with acc.autocast():
+            logp, _ = token_logprobs(policy, *exp.response_args(), 1.0, kernels)
+            disabled = adapters_disabled(policy) if reference is None else contextlib.nullcontext()
+            with disabled:
+                ref_logp, _ = token_logprobs(reference or policy, *exp.response_args(), 1.0, kernels)
         return {"eval_kl": float(((logp - ref_logp) * exp.mask).sum(-1).mean())}
 
     return read
@@ -184,8 +187,9 @@ def dpo(cfg: DPOConfig, callbacks=()) -> LoopResult | None:
     log.info(f"dpo: {len(train_rows)} training rankings, {len(held_rows) if held_rows else 0} held out "
              f"(each prompt computed once for all its responses, {train_rows.stats['sharing_factor']:.2f}x fewer "
              "tokens)")
+    dtype = causal_lm.weight_dtype(m.dtype, compute_precision(acc), frozen=False)
     model = causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code,
-                                                          cfg.lora.load_in_4bit))
+                                                          cfg.lora.load_in_4bit, dtype, m.attn_implementation))
     causal_lm.check_vocab(model, tokenizer)
     model = prepare_for_training(model, cfg.lora, gradient_checkpointing=False)
     kernels = apply_kernels(model, cfg.kernels, acc.device)
@@ -196,7 +200,7 @@ def dpo(cfg: DPOConfig, callbacks=()) -> LoopResult | None:
         held_rows = WithReference(held_rows, reference["held_out"]) if held_rows is not None else None
     batches = batching.ShuffledBatches(train_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                        cfg.seed)
-    kl = kl_reader(acc, cfg, tokenizer, [g.prompt for g in held_groups], kernels.plan)
+    kl = kl_reader(acc, cfg, tokenizer, [g.prompt for g in held_groups], kernels.plan, dtype)
 
     def held_out():
         return batching.eval_batches(held_rows, cfg.train.batch_size, acc.process_index, acc.num_processes)

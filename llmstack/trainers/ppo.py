@@ -30,30 +30,45 @@ from llmstack.rl.reward_functions import FunctionReward, reward_function
 from llmstack.rl.rewards import RewardInputs, RewardNormaliser, import_callable
 from llmstack.rl.rollout import SamplingSettings
 from llmstack.trainers import distributed
-from llmstack.trainers.base import build_optimizer, build_scheduler, log
+from llmstack.trainers.base import build_optimizer, build_scheduler, compute_precision, log
 from llmstack.trainers.loop import LoopResult, LoopState, StepReport, resume, run_loop
 from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, rollout_metrics,
                                          score, update, write_samples)
-from llmstack.trainers.run import Run, close_run, open_run
+from llmstack.trainers.run import Run, close_run, open_run, precision_facts
 from llmstack.tracking.record import find_parent
 
 
-def build_models(cfg: PPOConfig, tokenizer) -> tuple[RLModels, object]:
+def build_models(cfg: PPOConfig, tokenizer, compute: str = "fp32") -> tuple[RLModels, object]:
     """(the policy, reference and, for a critic, the value model; the reward model or None), loaded and not
-    yet placed. The value model starts from `value_model.name_or_path`, else the reward model."""
+    yet placed, for the run's compute precision `compute`.
+
+    Weight dtypes (`model.dtype`, `causal_lm.weight_dtype`): the policy and the value model train, so they
+    keep fp32 master weights under `auto`; the reward model is only scored and loads in the compute dtype.
+    The reference is frozen too, but its log-probabilities are compared token by token with the policy's:
+    held in the policy's dtype and run under the same autocast, identical weights give a KL of exactly 0,
+    where a bf16 copy beside an fp32-master policy gives a KL of precision noise as large as the signal. Its
+    memory is saved by LoRA (no copy at all) or by `model.dtype=bf16` (both in bf16)."""
     m = cfg.model
-    policy = causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code))
+    trained = causal_lm.weight_dtype(m.dtype, compute, frozen=False)
+    frozen = causal_lm.weight_dtype(m.dtype, compute, frozen=True)
+
+    def policy_copy():
+        return causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code,
+                                                             dtype=trained, attn_implementation=m.attn_implementation))
+
+    policy = policy_copy()
     # Under LoRA the reference is the policy with its adapter switched off: no second copy of the weights
-    reference = None if cfg.lora.enabled else \
-        causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)).eval()
+    reference = None if cfg.lora.enabled else policy_copy().eval()
     policy = prepare_for_training(policy, cfg.lora, gradient_checkpointing=False)
     reward_model = None
     if cfg.reward_model.name_or_path:
-        reward_model = causal_lm.no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed))
+        reward_model = causal_lm.no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed,
+                                                              dtype=frozen, attn_implementation=m.attn_implementation))
     value = None
     if ESTIMATORS[cfg.ppo.estimator].needs_critic:
         value_path = cfg.value_model.name_or_path or cfg.reward_model.name_or_path
-        value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed))
+        value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed, dtype=trained,
+                                                       attn_implementation=m.attn_implementation))
     for frozen in (reference, reward_model):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
@@ -116,6 +131,7 @@ class PPOSetup:
     schedulers: list
     kl_ctl: object
     ptx: batching.ShuffledBatches | None
+    precision: dict
 
     def checkpoint_state(self) -> dict:
         return {"data": self.prompts.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
@@ -142,7 +158,7 @@ def setup(run: Run, cfg: PPOConfig, functions: dict[str, Callable]) -> PPOSetup:
     ensure_chat_template(tokenizer)
     rows, conversations, columns = load_prompts(cfg, tokenizer)
     prompts = batching.ShuffledBatches(rows, cfg.rollout.batch_size, acc.process_index, acc.num_processes, cfg.seed)
-    models, reward_model = build_models(cfg, tokenizer)
+    models, reward_model = build_models(cfg, tokenizer, compute_precision(acc))
     kernels = [apply_kernels(m, cfg.kernels, acc.device) for m in (models.policy, models.reference) if m is not None][0]
     # one model per prepare: DeepSpeed builds an engine per model, FSDP2 shards one model at a time
     models.policy, policy_optimizer = acc.prepare(
@@ -173,8 +189,10 @@ def setup(run: Run, cfg: PPOConfig, functions: dict[str, Callable]) -> PPOSetup:
         blocks, _ = pack_corpus(cfg.data.ptx, tokenizer, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                                 0.0, cfg.seed)
         ptx = batching.ShuffledBatches(blocks, train.batch_size, acc.process_index, acc.num_processes, cfg.seed)
+    precision = precision_facts(run, policy=models.policy, reference=models.reference, value_model=models.value,
+                                reward_model=reward_model)
     return PPOSetup(tokenizer, rows, conversations, columns, prompts, models, reward_sources(cfg, reward_model, functions),
-                    normaliser, engine, kernels, optimizers, schedulers, kl_ctl, ptx)
+                    normaliser, engine, kernels, optimizers, schedulers, kl_ctl, ptx, precision)
 
 
 def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]):
@@ -238,7 +256,7 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
         run.record.update(parent=find_parent(cfg.model.name_or_path), inputs={"prompts": {"spec": cfg.data.train},
                           "reward_model": find_parent(cfg.reward_model.name_or_path)},
                           data={"prompts": len(s.prompt_rows)}, resumed_from_step=state.step or None,
-                          kernels=s.kernels.summary(),
+                          kernels=s.kernels.summary(), precision=s.precision,
                           algorithm={"estimator": cfg.ppo.estimator, "critic": s.models.value is not None,
                                      "samples_per_prompt": cfg.rollout.samples_per_prompt,
                                      "loss_aggregation": cfg.ppo.loss_aggregation, "kl_in": cfg.ppo.kl_in,

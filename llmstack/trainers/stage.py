@@ -12,14 +12,11 @@ import torch
 from llmstack.evaluation.heldout import heldout_loss
 from llmstack.models import causal_lm
 from llmstack.trainers import distributed
-from llmstack.trainers.base import batch_arithmetic, build_optimizer, build_scheduler, log
+from llmstack.trainers.base import batch_arithmetic, build_optimizer, build_scheduler, compute_precision, log
 from llmstack.trainers.loop import LoopResult, LoopState, resume, run_loop
-from llmstack.trainers.run import Run, close_run
+from llmstack.trainers.run import Run, close_run, precision_facts
 from llmstack.trainers.supervised import SupervisedObjective, supervised_step
 from llmstack.tracking.mfu import peak_flops, transformer_flops_per_token
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _fmt(ev: dict) -> str:
     return ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in ev.items()) if ev else "(no held-out data)"
@@ -38,7 +35,7 @@ def _throughput_facts(run: Run, model, seq_len: int) -> tuple[float, float, str]
     flops_per_token = transformer_flops_per_token(causal_lm.matmul_params(model), mc.num_hidden_layers,
                                                   mc.hidden_size, seq_len)
     override = train.peak_tflops * 1e12 if train.peak_tflops else None
-    peak, source = peak_flops(acc.device, DTYPES[train.precision], override)
+    peak, source = peak_flops(acc.device, causal_lm.DTYPES[compute_precision(acc)], override)
     log.info(f"{run.stage}: MFU against {peak / 1e12:.2f} TFLOP/s per device ({source})")
     return flops_per_token, peak, source
 
@@ -81,7 +78,8 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
         state = LoopState(initial_eval=evaluate() if train.eval_every else {})
         log.info(f"{run.stage}: before training, held-out {_fmt(state.initial_eval)}")
     if run.record is not None:
-        run.record.update(**record, resumed_from_step=state.step or None,
+        run.record.update(**{"precision": precision_facts(run, model=model), **record},
+                          resumed_from_step=state.step or None,
                           model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params,
                                  "trainable_parameters": n_trainable})
         run.record.set_compute(acc.num_processes, device=str(acc.device), peak_flops_per_device=peak,
