@@ -97,16 +97,29 @@ def reference_of(batch: dict, model, kernels: KernelPlan) -> torch.Tensor:
         return response_logprobs(model, batch, kernels)
 
 
-def dpo_objective(cfg: DPOConfig, kernels: KernelPlan) -> SupervisedObjective:
+def dpo_objective(cfg: DPOConfig, kernels: KernelPlan, fresh: bool = False) -> SupervisedObjective:
+    """DPO's loss on preference rows. `fresh` (a run starting at its first step, where the policy still is
+    the reference): the first training batch's largest |log pi - log ref| over its responses is reported once as
+    `health/logprob_gap`, the precision noise between the reference's pass and the training pass (0 when
+    both compute alike)."""
     d = cfg.dpo
+    pending, first = {}, [fresh]
 
     def loss_sum(model, batch: dict) -> torch.Tensor:
-        loss_N, _, _ = dpo_ranking_loss(response_logprobs(model, batch, kernels), reference_of(batch, model, kernels),
-                                        batch["ranks"], d.beta, d.rankings, d.loss, d.label_smoothing)
+        logp_NK, ref_NK = response_logprobs(model, batch, kernels), reference_of(batch, model, kernels)
+        if first[0] and torch.is_grad_enabled():  # a training pass, not the evaluation before training
+            first[0] = False
+            pending["health/logprob_gap"] = float((logp_NK.detach().float() - ref_NK.float()).abs().max())
+        loss_N, _, _ = dpo_ranking_loss(logp_NK, ref_NK, batch["ranks"], d.beta, d.rankings, d.loss, d.label_smoothing)
         return loss_N.sum()
 
+    def health() -> dict:
+        out = dict(pending)
+        pending.clear()
+        return out
+
     return SupervisedObjective(loss_sum=loss_sum, count_targets=lambda b: len(b["ranks"]),
-                               count_tokens=lambda b: int((b["segment_ids"] != PAD_SEGMENT).sum()))
+                               count_tokens=lambda b: int((b["segment_ids"] != PAD_SEGMENT).sum()), health=health)
 
 
 @torch.no_grad()
@@ -193,7 +206,7 @@ def dpo(cfg: DPOConfig, callbacks=()) -> LoopResult | None:
     causal_lm.check_vocab(model, tokenizer)
     model = prepare_for_training(model, cfg.lora, gradient_checkpointing=False)
     kernels = apply_kernels(model, cfg.kernels, acc.device)
-    objective = dpo_objective(cfg, kernels.plan)
+    objective = dpo_objective(cfg, kernels.plan, fresh=run.checkpointer.latest() is None)
     reference = {} if cfg.lora.enabled else _reference_for(run, cfg, model, train_rows, held_rows, kernels.plan)
     if reference:
         train_rows = WithReference(train_rows, reference["train"])

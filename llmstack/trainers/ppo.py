@@ -32,8 +32,8 @@ from llmstack.rl.rollout import SamplingSettings
 from llmstack.trainers import distributed
 from llmstack.trainers.base import build_optimizer, build_scheduler, compute_precision, log
 from llmstack.trainers.loop import LoopResult, LoopState, StepReport, resume, run_loop
-from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, rollout_metrics,
-                                         score, update, write_samples)
+from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, noise_floor,
+                                         rollout_metrics, score, update, write_samples)
 from llmstack.trainers.run import Run, close_run, open_run, precision_facts
 from llmstack.tracking.record import find_parent
 
@@ -218,14 +218,22 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
         stats = update(acc, exp, s.models, s.optimizers, s.schedulers, s.kl_ctl.coef, update_settings, state.step,
                        s.kernels.plan, ptx_batches)
         t_update = time.perf_counter()
+        gap = stats.pop("logprob_gap")
+        # before the first update of a fresh run the policy is the reference: what they differ by is noise
+        health = noise_floor(acc, exp, gap) if state.step == 0 else {}
         rollout = rollout_metrics(acc, exp, inputs, s.kl_ctl.coef, metrics)
         s.kl_ctl.update(rollout["kl"], len(exp) * acc.num_processes)
         state.step += 1
         state.last_loss = stats["loss"]
         row = {}
+        if health:
+            warn_if_kl_target_in_noise(health, cfg.ppo.kl_target, float(exp.mask.sum(-1).float().mean()))
+            row = {"loss": stats["loss"], **health}
+            if run.record is not None:
+                run.record.update(health=health)
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             tokens = int(acc.reduce(exp.mask.sum(), "sum"))
-            row = {**stats, **rollout, "time_generate": t_gen - timer, "time_score": t_score - t_gen,
+            row = {**row, **stats, **rollout, "time_generate": t_gen - timer, "time_score": t_score - t_gen,
                    "time_update": t_update - t_score, "tokens_per_s": tokens / (t_update - timer)}
             if acc.is_main_process and cfg.samples_per_step:
                 write_samples(run.dir / "samples.jsonl", exp, inputs, state.step, cfg.samples_per_step)
@@ -233,6 +241,19 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
         return StepReport(row, {"reward": rollout["reward"], "kl": rollout["kl"]})
 
     return step
+
+
+def warn_if_kl_target_in_noise(health: dict, kl_target: float | None, mean_length: float) -> None:
+    """Warn when the KL target (per sequence) is within 10x of the measured precision noise: the adaptive
+    controller would then steer on noise. The noise is the larger of the KL between identical models and the
+    rollout-vs-update gap over an average response."""
+    floor = max(health["health/kl_identical"], health["health/logprob_gap"] * mean_length)
+    log.info(f"ppo: precision noise floor {floor:.3g} nats per answer (health/kl_identical "
+             f"{health['health/kl_identical']:.3g}, health/logprob_gap {health['health/logprob_gap']:.3g} per token)")
+    if kl_target is not None and kl_target < 10 * floor:
+        log.warning(f"ppo.kl_target={kl_target} is not well above the KL that precision noise alone gives here "
+                    f"({floor:.3g} nats per answer between identical models): the controller would act on noise; "
+                    "raise ppo.kl_target, or run train.precision=fp32")
 
 
 def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
