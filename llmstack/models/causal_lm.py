@@ -90,11 +90,17 @@ def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote
                                                            bnb_4bit_compute_dtype=torch.bfloat16,
                                                            bnb_4bit_use_double_quant=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         hint = ("it is not a local directory, and the Hub could not be reached (offline?)"
                 if not Path(name_or_path).exists() else "the directory has no loadable model")
         raise OSError(f"cannot load model.name_or_path={name_or_path!r}: {hint}. {err}") from err
+    if gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # The GGUF tensors were dequantised on loading; what remains is the quantizer's bookkeeping, which
+        # makes save_pretrained refuse the model ("quantized with gguf and is not serializable"). Without it
+        # the model trains and saves as the plain model it now is.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):

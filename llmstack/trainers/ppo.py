@@ -200,6 +200,7 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
     acc, train = run.accelerator, cfg.train
     _, score_settings, update_settings = settings_of(cfg)
     batches, ptx_batches = iter(s.prompts), iter(s.ptx) if s.ptx is not None else None
+    warned_cut = [False]  # once per run
 
     def decode(exp) -> list[str]:
         return [s.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
@@ -222,6 +223,9 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
         # before the first update of a fresh run the policy is the reference: what they differ by is noise
         health = noise_floor(acc, exp, gap) if state.step == 0 else {}
         rollout = rollout_metrics(acc, exp, inputs, s.kl_ctl.coef, metrics)
+        if not warned_cut[0]:
+            warned_cut[0] = warn_if_answers_cut(rollout["eos_rate"], cfg.rollout.max_new_tokens,
+                                                cfg.ppo.missing_eos_penalty)
         s.kl_ctl.update(rollout["kl"], len(exp) * acc.num_processes)
         state.step += 1
         state.last_loss = stats["loss"]
@@ -241,6 +245,18 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
         return StepReport(row, {"reward": rollout["reward"], "kl": rollout["kl"]})
 
     return step
+
+
+def warn_if_answers_cut(eos_rate: float, max_new_tokens: int, missing_eos_penalty: float | None) -> bool:
+    """Warn (and return True) when most of a rollout's answers stopped at the length limit without EOS: a
+    reward model trained on finished answers then scores positions it never saw in training."""
+    if eos_rate >= 0.5:
+        return False
+    fix = "raise rollout.max_new_tokens" + ("" if missing_eos_penalty is not None else
+                                             ", or set ppo.missing_eos_penalty to score cut answers down")
+    log.warning(f"ppo: {1 - eos_rate:.0%} of the answers were cut at rollout.max_new_tokens={max_new_tokens} "
+                f"without EOS, so their scores are read at positions the reward model was not trained on; {fix}")
+    return True
 
 
 def warn_if_kl_target_in_noise(health: dict, kl_target: float | None, mean_length: float) -> None:

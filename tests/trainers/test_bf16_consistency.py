@@ -1,7 +1,8 @@
 """RL in bf16 measures what it claims: under CPU bf16 autocast, a policy and a reference with the same weights
 give a KL of exactly 0 and the first minibatch's ratio is exactly 1, for the stock and fused log-probability
 paths and for both kinds of reference (a separate copy, the LoRA policy with its adapter disabled); DPO's
-saved reference log-probabilities equal the policy's at its first step; the health metrics say so."""
+saved reference log-probabilities equal the policy's at its first step; the health metrics say so, and the
+warnings about a KL target within the noise and about answers cut without EOS name the keys to change."""
 
 import json
 import logging
@@ -147,3 +148,19 @@ def test_dpo_in_bf16_starts_with_the_reference_equal_to_the_policy(tmp_path, pol
     assert first["step"] == 1 and first["health/logprob_gap"] == 0.0
     # every pair starts at the DPO loss of a zero margin, ln 2 (the mean over the batch)
     assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def test_most_answers_cut_without_eos_are_warned_about_naming_the_keys():
+    from llmstack.trainers.ppo import warn_if_answers_cut
+
+    collect = Collect()
+    logging.getLogger("llmstack").addHandler(collect)
+    try:
+        assert not warn_if_answers_cut(0.5, 32, None) and collect.messages == []
+        assert warn_if_answers_cut(0.25, 32, None)
+        assert warn_if_answers_cut(0.0, 32, 1.0)
+    finally:
+        logging.getLogger("llmstack").removeHandler(collect)
+    assert "75% of the answers" in collect.messages[0] and "rollout.max_new_tokens=32" in collect.messages[0]
+    assert "ppo.missing_eos_penalty" in collect.messages[0]
+    assert "ppo.missing_eos_penalty" not in collect.messages[1]  # already set: only the length can change
