@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from llmstack.models import causal_lm
 from llmstack.trainers import distributed
+from llmstack.tracking.record import find_parent
 
 log = logging.getLogger("llmstack")
 
@@ -124,6 +125,26 @@ def setup_logging(is_main: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Optimiser and learning-rate schedule
+
+
+# Fine-tuning a pretrained checkpoint takes peak learning rates of about 1e-6 to 1e-4 (SFT 1e-5 to 1e-4, reward
+# models about 1e-5, RL 1e-6 to 1e-5); the 1e-3 to 3e-3 that train the tiny presets from scratch (and fill
+# configs/tiny/) wreck such a model within a few steps.
+FINE_TUNING_MAX_LR = 2e-4
+
+
+def learning_rate_facts(stage: str, name_or_path: str | None, lr: float, weight_decay: float) -> dict:
+    """record.json's account of the learning rate: whether the run starts from a checkpoint trained elsewhere
+    (a Hub name or a directory that is not an llmstack run's model/), and, when its `train.lr` is a
+    from-scratch rate, a warning naming the key (logged and recorded)."""
+    external = name_or_path is not None and "run_dir" not in (find_parent(name_or_path) or {})
+    facts = {"lr": lr, "weight_decay": weight_decay, "starts_from_outside_checkpoint": external}
+    if external and lr > FINE_TUNING_MAX_LR:
+        facts["warning"] = (f"{stage}: train.lr={lr:g} is a learning rate for training from scratch, and "
+                            f"{name_or_path} is a pretrained checkpoint it would wreck; fine-tuning takes 1e-6 to "
+                            f"1e-4 (e.g. train.lr=2e-5), with train.weight_decay=0 or small")
+        log.warning(facts["warning"])
+    return facts
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: list[float], weight_decay: float):

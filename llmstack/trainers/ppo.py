@@ -30,7 +30,7 @@ from llmstack.rl.reward_functions import FunctionReward, reward_function
 from llmstack.rl.rewards import RewardInputs, RewardNormaliser, import_callable
 from llmstack.rl.rollout import SamplingSettings
 from llmstack.trainers import distributed
-from llmstack.trainers.base import build_optimizer, build_scheduler, compute_precision, log
+from llmstack.trainers.base import build_optimizer, build_scheduler, compute_precision, learning_rate_facts, log
 from llmstack.trainers.loop import LoopResult, LoopState, StepReport, resume, run_loop
 from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, noise_floor,
                                          rollout_metrics, score, update, write_samples)
@@ -294,6 +294,8 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
                           "reward_model": find_parent(cfg.reward_model.name_or_path)},
                           data={"prompts": len(s.prompt_rows)}, resumed_from_step=state.step or None,
                           kernels=s.kernels.summary(), precision=s.precision,
+                          learning_rate=learning_rate_facts(run.stage, cfg.model.name_or_path, cfg.train.lr,
+                                                            cfg.train.weight_decay),
                           algorithm={"estimator": cfg.ppo.estimator, "critic": s.models.value is not None,
                                      "samples_per_prompt": cfg.rollout.samples_per_prompt,
                                      "loss_aggregation": cfg.ppo.loss_aggregation, "kl_in": cfg.ppo.kl_in,

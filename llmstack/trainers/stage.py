@@ -12,7 +12,8 @@ import torch
 from llmstack.evaluation.heldout import heldout_loss
 from llmstack.models import causal_lm
 from llmstack.trainers import distributed
-from llmstack.trainers.base import batch_arithmetic, build_optimizer, build_scheduler, compute_precision, log
+from llmstack.trainers.base import (batch_arithmetic, build_optimizer, build_scheduler, compute_precision,
+                                    learning_rate_facts, log)
 from llmstack.trainers.loop import LoopResult, LoopState, resume, run_loop
 from llmstack.trainers.run import Run, close_run, precision_facts
 from llmstack.trainers.supervised import SupervisedObjective, supervised_step
@@ -78,7 +79,10 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
         state = LoopState(initial_eval=evaluate() if train.eval_every else {})
         log.info(f"{run.stage}: before training, held-out {_fmt(state.initial_eval)}")
     if run.record is not None:
-        run.record.update(**{"precision": precision_facts(run, model=model), **record},
+        facts = {"precision": precision_facts(run, model=model),
+                 "learning_rate": learning_rate_facts(run.stage, run.cfg.model.name_or_path, train.lr,
+                                                      train.weight_decay)}
+        run.record.update(**{**facts, **record},
                           resumed_from_step=state.step or None,
                           model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params,
                                  "trainable_parameters": n_trainable})

@@ -82,3 +82,19 @@ def test_the_record_holds_the_resolved_precision_and_what_each_model_was_loaded_
     precision = json.loads((tmp_path / "rm/record.json").read_text())["precision"]
     assert precision["train_precision"] == "auto" and precision["compute"] == resolve_precision("auto")
     assert precision["weights"] == {"model": "float32"} and precision["attn_implementation"] == {"model": "eager"}
+    # the backbone was saved by hand, not by an llmstack run: an outside checkpoint, at RewardConfig's 1e-5
+    learning_rate = json.loads((tmp_path / "rm/record.json").read_text())["learning_rate"]
+    assert learning_rate == {"lr": 1e-5, "weight_decay": 0.1, "starts_from_outside_checkpoint": True}
+
+
+def test_a_from_scratch_learning_rate_on_an_outside_checkpoint_is_warned_about_and_recorded(tmp_path):
+    from llmstack.trainers.base import learning_rate_facts
+
+    hub = learning_rate_facts("sft", "HuggingFaceTB/SmolLM2-135M-Instruct", 1e-3, 0.1)
+    assert hub["starts_from_outside_checkpoint"] and "train.lr=0.001" in hub["warning"]
+    assert "warning" not in learning_rate_facts("sft", "HuggingFaceTB/SmolLM2-135M-Instruct", 2e-5, 0.0)
+    run_model = tmp_path / "pretrain/model"  # an llmstack run's model/: the tiny path trains at 1e-3 on purpose
+    run_model.mkdir(parents=True)
+    (tmp_path / "pretrain/record.json").write_text(json.dumps({"stage": "pretrain"}))
+    ours = learning_rate_facts("sft", str(run_model), 1e-3, 0.1)
+    assert not ours["starts_from_outside_checkpoint"] and "warning" not in ours
