@@ -182,6 +182,7 @@ class RewardConfig:
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=10, max_steps=200,
                                                                     batch_size=8))
     use_margins: bool = option(False, "Subtract each record's 'margin' inside the pairwise loss.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     center_coef: float = option(0.0, "Weight of the reward-centering term mean(score^2).", ge=0.0)
 
 
@@ -217,6 +218,7 @@ class DPOConfig:
     lora: LoraConfig = option(default_factory=LoraConfig, help="LoRA on the policy; the reference is then the "
                               "policy with its adapter disabled (no second copy).")
     dpo: DPOSettings = option(default_factory=DPOSettings)
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
 
 
 @dataclass
@@ -314,6 +316,8 @@ class PPOConfig:
     rollout: RolloutConfig = option(default_factory=RolloutConfig)
     ppo: PPOSettings = option(default_factory=PPOSettings)
     samples_per_step: int = option(4, "Rows appended to samples.jsonl at every logging step.", ge=0)
+    gradient_checkpointing: bool = option(False, "Recompute the policy's and the value model's activations in "
+                                          "the backward pass to save memory.")
     metrics: list[str] = option(default_factory=list, help="Functions logged at every step, each named "
                                 "'package.module:function' and called as f(prompts, completions) -> one number "
                                 "per response (e.g. llmstack.evaluation.builtin_task:gold_reward).")

@@ -11,7 +11,7 @@ def prepare_for_training(model, lora, gradient_checkpointing: bool):
     LoRA adapters when `lora.enabled` (a `llmstack.config.LoraConfig`); QLoRA's 4-bit base is prepared for
     training first."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     if not lora.enabled:
         return model
     try:
@@ -26,6 +26,14 @@ def prepare_for_training(model, lora, gradient_checkpointing: bool):
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
+
+
+def checkpoint_activations(model):
+    """`model` recomputing each decoder layer's activations in the backward pass instead of keeping them
+    (Hugging Face's gradient checkpointing, non-reentrant: it works with frozen inputs and keyword
+    arguments). In training mode only; without dropout the recomputation gives the same values."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def adapters_disabled(model) -> contextlib.AbstractContextManager:

@@ -204,7 +204,7 @@ def dpo(cfg: DPOConfig, callbacks=()) -> LoopResult | None:
     model = causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code,
                                                           cfg.lora.load_in_4bit, dtype, m.attn_implementation))
     causal_lm.check_vocab(model, tokenizer)
-    model = prepare_for_training(model, cfg.lora, gradient_checkpointing=False)
+    model = prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing)
     kernels = apply_kernels(model, cfg.kernels, acc.device)
     objective = dpo_objective(cfg, kernels.plan, fresh=run.checkpointer.latest() is None)
     reference = {} if cfg.lora.enabled else _reference_for(run, cfg, model, train_rows, held_rows, kernels.plan)

@@ -22,7 +22,7 @@ from llmstack.data.text import pack_corpus
 from llmstack.models import causal_lm
 from llmstack.models.engines import build_engine
 from llmstack.models.fused import apply_kernels
-from llmstack.models.lora import prepare_for_training
+from llmstack.models.lora import checkpoint_activations, prepare_for_training
 from llmstack.models.reward_model import RewardModelScores, load_reward_model, statistics
 from llmstack.rl.estimators import ESTIMATORS, check_group_size
 from llmstack.rl.kl import AdaptiveKLController, FixedKLController
@@ -59,7 +59,7 @@ def build_models(cfg: PPOConfig, tokenizer, compute: str = "fp32") -> tuple[RLMo
     policy = policy_copy()
     # Under LoRA the reference is the policy with its adapter switched off: no second copy of the weights
     reference = None if cfg.lora.enabled else policy_copy().eval()
-    policy = prepare_for_training(policy, cfg.lora, gradient_checkpointing=False)
+    policy = prepare_for_training(policy, cfg.lora, cfg.gradient_checkpointing)
     reward_model = None
     if cfg.reward_model.name_or_path:
         reward_model = causal_lm.no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed,
@@ -69,6 +69,8 @@ def build_models(cfg: PPOConfig, tokenizer, compute: str = "fp32") -> tuple[RLMo
         value_path = cfg.value_model.name_or_path or cfg.reward_model.name_or_path
         value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed, dtype=trained,
                                                        attn_implementation=m.attn_implementation))
+        if cfg.gradient_checkpointing:
+            checkpoint_activations(value)
     for frozen in (reference, reward_model):
         if frozen is not None:
             frozen.requires_grad_(False).eval()

@@ -19,6 +19,7 @@ from llmstack.data.preference import PAD_SEGMENT, build_preference_rows, load_gr
 from llmstack.evaluation.heldout import preference_metrics, score_statistics
 from llmstack.losses import ranking_loss_sum
 from llmstack.models import causal_lm
+from llmstack.models.lora import checkpoint_activations
 from llmstack.models.reward_model import load_reward_model, scores_at
 from llmstack.trainers.base import compute_precision, log
 from llmstack.trainers.loop import LoopResult
@@ -67,6 +68,8 @@ def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
     model = load_reward_model(m.name_or_path, tokenizer, cfg.seed, m.trust_remote_code,
                               causal_lm.weight_dtype(m.dtype, compute_precision(acc), frozen=False),
                               m.attn_implementation)
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
     objective = reward_objective(cfg.use_margins, cfg.center_coef)
 
     def held_out():
