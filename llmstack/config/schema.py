@@ -70,6 +70,9 @@ class TrainConfig:
                                  ge=0.0, le=1.0)
     weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to biases and norms).", ge=0.0)
     adam_betas: list[float] = option(default_factory=lambda: [0.9, 0.95], help="AdamW (beta1, beta2).")
+    optimizer: Literal["adamw", "adamw_8bit"] = option(
+        "adamw", "AdamW (torch, fused), or AdamW with its two moment estimates in 8 bits (bitsandbytes; about a "
+        "quarter of the optimiser's memory).")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", ge=0.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "fp32", "Mixed precision (autocast) for forward/backward; model.dtype decides the weights. auto: bf16 on "

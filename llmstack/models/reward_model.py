@@ -6,9 +6,10 @@ stock transformers (and TRL, vLLM) as here: at the last token whose id is not th
 (`pooled_positions`). With a tokenizer whose pad token differs from its EOS, that is the EOS the data
 appends; where pad == EOS (many Hub chat models), the appended EOS counts as padding to Hugging Face, and the
 score is read at the token before it. The last real token is found from the attention mask (so left and right
-padding agree) and moved back over pad ids; the score head is applied at the chosen positions only. The reward stage stores the mean and
-standard deviation of its held-out scores in the model's config (`reward_mean`, `reward_std`); `statistics`
-reads them back for reward normalisation in RL.
+padding agree) and moved back over pad ids; the score head is applied at the chosen positions only.
+
+The reward stage stores the mean and standard deviation of its held-out scores in the model's config
+(`reward_mean`, `reward_std`); `statistics` reads them back for reward normalisation in RL.
 
 Shape legend: R sequences, T positions, N rankings, K responses per ranking, H hidden width.
 """

@@ -164,11 +164,12 @@ def setup(run: Run, cfg: PPOConfig, functions: dict[str, Callable]) -> PPOSetup:
     kernels = [apply_kernels(m, cfg.kernels, acc.device) for m in (models.policy, models.reference) if m is not None][0]
     # one model per prepare: DeepSpeed builds an engine per model, FSDP2 shards one model at a time
     models.policy, policy_optimizer = acc.prepare(
-        models.policy, build_optimizer(models.policy, train.lr, train.adam_betas, train.weight_decay))
+        models.policy, build_optimizer(models.policy, train.lr, train.adam_betas, train.weight_decay, train.optimizer))
     optimizers = [policy_optimizer]
     if models.value is not None:
         models.value, value_optimizer = acc.prepare(
-            models.value, build_optimizer(models.value, p.value_lr, train.adam_betas, train.weight_decay))
+            models.value, build_optimizer(models.value, p.value_lr, train.adam_betas, train.weight_decay,
+                                          train.optimizer))
         optimizers.append(value_optimizer)
     # on the prepared optimisers, which under ZeRO offload are DeepSpeed's CPU Adam (see stage.py)
     schedulers = [build_scheduler(o, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)

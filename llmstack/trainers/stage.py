@@ -59,7 +59,7 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
     log.info(f"{run.stage}: {batch_arithmetic(train.batch_size, train.grad_accum, acc.num_processes, seq_len)}")
     flops_per_token, peak, peak_source = _throughput_facts(run, model, seq_len)
 
-    optimizer = build_optimizer(model, train.lr, train.adam_betas, train.weight_decay)
+    optimizer = build_optimizer(model, train.lr, train.adam_betas, train.weight_decay, train.optimizer)
     model, optimizer = acc.prepare(model, optimizer)
     # after prepare: under ZeRO offload accelerate swaps in DeepSpeed's CPU Adam, and a schedule built on the
     # optimiser given to prepare would set learning rates nothing reads

@@ -22,7 +22,6 @@ from llmstack.models.lora import prepare_for_training
 from llmstack.rl.experience import join
 from llmstack.rl.reward_functions import FunctionReward
 from llmstack.rl.rewards import RewardInputs, RewardNormaliser
-from llmstack.rl.rollout import SamplingSettings
 from llmstack.trainers import distributed
 from llmstack.trainers.dpo import dpo
 from llmstack.trainers.ppo import load_prompts, ppo, settings_of, warn_if_kl_target_in_noise
@@ -94,7 +93,8 @@ def test_log_probabilities_take_an_fp32_head_on_both_paths_under_bf16_autocast(p
     expected, _ = logprobs_spec(hidden[:, 3:-1].float(), weight.float(), response, temperature=0.7)
     assert torch.equal(got["stock"], expected)
     # chunked log-sum-exp over V logits in fp32: a few ulps of the largest |logp|
-    tolerance = 4 * torch.finfo(torch.float32).eps * model.config.vocab_size ** 0.5 * float(expected.detach().abs().max())
+    scale = float(expected.detach().abs().max())
+    tolerance = 4 * torch.finfo(torch.float32).eps * model.config.vocab_size ** 0.5 * scale
     torch.testing.assert_close(got["fused"], expected, rtol=0, atol=tolerance)
     # the bf16-rounded head this replaced is visibly different: the check above could fail
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

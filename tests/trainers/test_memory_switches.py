@@ -71,3 +71,35 @@ def test_reward_model_with_checkpointing_trains_as_without(tmp_path, models):
     same_losses(metric_rows(tmp_path / "plain"), metric_rows(tmp_path / "checkpointed"), ["loss"], n_terms)
     for key, value in plain.model.state_dict().items():
         assert_close_sums(saving.model.state_dict()[key], value, n_terms)
+
+
+def state_bytes(optimizer) -> int:
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
+def test_adamw_8bit_keeps_a_quarter_of_the_state_and_trains(models):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'llmstack[lora]')")
+    from llmstack.models.causal_lm import load_causal_lm
+    from llmstack.trainers.base import build_optimizer
+
+    path, _ = models
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses, sizes = {}, {}
+    for kind in ("adamw", "adamw_8bit"):
+        model = load_causal_lm(str(path))
+        optimizer = build_optimizer(model, 3e-3, [0.9, 0.95], 0.0, kind)
+        losses[kind] = []
+        for _ in range(4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[kind].append(float(loss.detach()))
+        sizes[kind] = state_bytes(optimizer)
+        n_small = sum(p.numel() for p in model.parameters() if p.numel() < 4096)  # kept in fp32 by bitsandbytes
+        n_params = sum(p.numel() for p in model.parameters())
+    assert sizes["adamw"] == 8 * n_params  # two fp32 moments per parameter
+    # two 1-byte moments for the large tensors, two fp32 ones for the small, plus a few fp32 block scales
+    assert 2 * n_params <= sizes["adamw_8bit"] - 6 * n_small <= 2.1 * n_params
+    assert losses["adamw_8bit"][-1] < losses["adamw_8bit"][0] and losses["adamw"][-1] < losses["adamw"][0]
