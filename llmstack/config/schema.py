@@ -30,6 +30,12 @@ class ModelConfig:
     vocab_size: int = option(4096, "Vocabulary size of a tokenizer trained for a preset model.", ge=259, le=VOCAB_MAX)
     trust_remote_code: bool = option(False, "Run model code shipped with a Hub repository (off: it executes "
                                      "arbitrary code).")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "Weights' dtype. auto: a trained model keeps fp32 master weights (train.precision casts per op), "
+        "a frozen one (reward model) loads in the compute dtype; a frozen copy compared token by token with the "
+        "trained model (the RL reference) shares its dtype. bf16/fp16: every model in it (pure low precision).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = option(
+        None, "Attention kernel passed to Hugging Face; null: its default (sdpa where the model supports it).")
 
     def validate(self, prefix: str) -> None:
         if self.name_or_path is None and self.preset is None:
@@ -67,9 +73,14 @@ class TrainConfig:
                                  ge=0.0, le=1.0)
     weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to biases and norms).", ge=0.0)
     adam_betas: list[float] = option(default_factory=lambda: [0.9, 0.95], help="AdamW (beta1, beta2).")
+    optimizer: Literal["adamw", "adamw_8bit"] = option(
+        "adamw", "AdamW (torch, fused), or AdamW with its two moment estimates in 8 bits (bitsandbytes; about a "
+        "quarter of the optimiser's memory).")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", ge=0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Mixed precision for forward/backward; "
-                                                        "weights and optimiser state stay fp32. fp16 needs CUDA.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "fp32", "Mixed precision (autocast) for forward/backward; model.dtype decides the weights. auto: bf16 on "
+        "CUDA devices with bf16 and on CPUs with AVX512-BF16 or AMX, fp32 elsewhere (resolved value in "
+        "record.json). fp16 needs CUDA.")
     log_every: int = option(10, "Write metrics.jsonl and trackers every N steps.", ge=1, le=COUNT_MAX)
     eval_every: int = option(100, "Evaluate on held-out data every N steps (and at the end); 0 disables.",
                              ge=0, le=COUNT_MAX)
@@ -185,6 +196,7 @@ class RewardConfig:
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=10, max_steps=200,
                                                                     batch_size=8))
     use_margins: bool = option(False, "Subtract each record's 'margin' inside the pairwise loss.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     center_coef: float = option(0.0, "Weight of the reward-centering term mean(score^2).", ge=0.0)
 
 
@@ -221,6 +233,7 @@ class DPOConfig:
     lora: LoraConfig = option(default_factory=LoraConfig, help="LoRA on the policy; the reference is then the "
                               "policy with its adapter disabled (no second copy).")
     dpo: DPOSettings = option(default_factory=DPOSettings)
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
 
 
 @dataclass
@@ -320,6 +333,8 @@ class PPOConfig:
     rollout: RolloutConfig = option(default_factory=RolloutConfig)
     ppo: PPOSettings = option(default_factory=PPOSettings)
     samples_per_step: int = option(4, "Rows appended to samples.jsonl at every logging step.", ge=0, le=10_000)
+    gradient_checkpointing: bool = option(False, "Recompute the policy's and the value model's activations in "
+                                          "the backward pass to save memory.")
     metrics: list[str] = option(default_factory=list, help="Functions logged at every step, each named "
                                 "'package.module:function' and called as f(prompts, completions) -> one number "
                                 "per response (e.g. llmstack.evaluation.builtin_task:gold_reward).")

@@ -47,21 +47,44 @@ def preset_config(name: str, vocab_size: int, max_positions: int, tokenizer=None
                        rms_norm_eps=1e-5, attention_dropout=0.0, **PRESETS[name], **special)
 
 
-def build_from_preset(name: str, tokenizer, max_positions: int, seed: int) -> PreTrainedModel:
-    """Fresh weights for preset `name`, sized to the tokenizer (rounded up to a multiple of 64 for GEMMs)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weight_dtype(model_dtype: str, compute: str, frozen: bool) -> torch.dtype:
+    """The dtype a model's weights are loaded in, for `model.dtype` and the run's compute precision
+    `compute` (fp32 | bf16 | fp16, `train.precision` resolved). An explicit `model_dtype` is taken as is (pure
+    low-precision training where the user asks). `auto`: a trained model keeps fp32 master weights, which
+    autocast casts per operation, so small updates are not rounded away; a frozen model needs no master copy
+    and is loaded directly in the compute dtype (half the memory under bf16)."""
+    if model_dtype != "auto":
+        return DTYPES[model_dtype]
+    return DTYPES[compute] if frozen else torch.float32
+
+
+def build_from_preset(name: str, tokenizer, max_positions: int, seed: int, dtype: torch.dtype = torch.float32,
+                      attn_implementation: str | None = None) -> PreTrainedModel:
+    """Fresh weights for preset `name`, sized to the tokenizer (rounded up to a multiple of 64 for GEMMs),
+    drawn in fp32 (the same values whatever `dtype`, up to its rounding)."""
     vocab = -(-len(tokenizer) // 64) * 64
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(preset_config(name, vocab, max_positions, tokenizer))
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(preset_config(name, vocab, max_positions, tokenizer), **extra)
+    return model.to(dtype)
 
 
 def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
-                   load_in_4bit: bool = False) -> PreTrainedModel:
-    """Any `AutoModelForCausalLM`, in fp32 (mixed precision is applied by the trainer, not the weights), or
-    with its linear layers in 4-bit NF4 for QLoRA (bitsandbytes; bf16 compute). A model given in Python (a
-    `memory:` name) comes back as a copy, so the caller's object is left as it was."""
+                   load_in_4bit: bool = False, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str | None = None) -> PreTrainedModel:
+    """Any `AutoModelForCausalLM`, with weights in `dtype` (see `weight_dtype`; mixed precision is applied by
+    the trainer, not the weights), or with its linear layers in 4-bit NF4 for QLoRA (bitsandbytes; bf16
+    compute). `attn_implementation` (sdpa | eager | flash_attention_2) goes to Hugging Face; None: its
+    default. A model given in Python (a `memory:` name) comes back as a copy in `dtype`, so the caller's object
+    is left as it was."""
     if objects.is_memory(name_or_path):
-        return objects.fresh_copy(name_or_path).to(torch.float32)
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
+        return objects.fresh_copy(name_or_path).to(dtype)
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if load_in_4bit:
@@ -71,9 +94,15 @@ def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote
                                                            bnb_4bit_compute_dtype=torch.bfloat16,
                                                            bnb_4bit_use_double_quant=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise unloadable("model", name_or_path, err) from err
+    if gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # The GGUF tensors were dequantised on loading; what remains is the quantizer's bookkeeping, which
+        # makes save_pretrained refuse the model ("quantized with gguf and is not serializable"). Without it
+        # the model trains and saves as the plain model it now is.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
 
 
 def unloadable(what: str, name_or_path: str, err: Exception) -> ConfigError:

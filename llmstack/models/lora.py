@@ -1,5 +1,6 @@
-"""Low-rank adapters (peft) and activation checkpointing on a Hugging Face model, and the adapter-disabled
-reference that lets RL keep one copy of the weights for the policy and the frozen reference."""
+"""The memory switches: low-rank adapters (peft) and activation checkpointing on a Hugging Face model, AdamW
+with 8-bit states (bitsandbytes), and the adapter-disabled reference that lets RL keep one copy of the weights
+for the policy and the frozen reference."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ def prepare_for_training(model, lora, gradient_checkpointing: bool):
     LoRA adapters when `lora.enabled` (a `llmstack.config.LoraConfig`); QLoRA's 4-bit base is prepared for
     training first."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     if not lora.enabled:
         return model
     try:
@@ -26,6 +27,24 @@ def prepare_for_training(model, lora, gradient_checkpointing: bool):
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
+
+
+def checkpoint_activations(model):
+    """`model` recomputing each decoder layer's activations in the backward pass instead of keeping them
+    (Hugging Face's gradient checkpointing, non-reentrant: it works with frozen inputs and keyword
+    arguments). In training mode only; without dropout the recomputation gives the same values."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def adamw_8bit(groups: list[dict], lr: float, betas: tuple[float, float]):
+    """bitsandbytes' AdamW with blockwise 8-bit moment estimates (Dettmers et al. 2022): 2 bytes of state per
+    parameter instead of 8; tensors under 4096 elements keep fp32 states."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ImportError("train.optimizer=adamw_8bit needs bitsandbytes: pip install 'llmstack[lora]'") from err
+    return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas)
 
 
 def adapters_disabled(model) -> contextlib.AbstractContextManager:

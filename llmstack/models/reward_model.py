@@ -1,10 +1,15 @@
 """Reward and value models: a one-label `AutoModelForSequenceClassification` on a causal-LM backbone, and the
 scores it gives.
 
-A score is read at a sequence's last real token (found from the attention mask, so left and right padding
-agree), with the score head applied at the chosen positions only. The reward stage stores the mean and
-standard deviation of its held-out scores in the model's config (`reward_mean`, `reward_std`); `statistics`
-reads them back for reward normalisation in RL.
+A score is read where Hugging Face's `*ForSequenceClassification` pools, so a saved model scores the same in
+stock transformers (and TRL, vLLM) as here: at the last token whose id is not the config's `pad_token_id`
+(`pooled_positions`). With a tokenizer whose pad token differs from its EOS, that is the EOS the data
+appends; where pad == EOS (many Hub chat models), the appended EOS counts as padding to Hugging Face, and the
+score is read at the token before it. The last real token is found from the attention mask (so left and right
+padding agree) and moved back over pad ids; the score head is applied at the chosen positions only.
+
+The reward stage stores the mean and standard deviation of its held-out scores in the model's config
+(`reward_mean`, `reward_std`); `statistics` reads them back for reward normalisation in RL.
 
 Shape legend: R sequences, T positions, N rankings, K responses per ranking, H hidden width.
 """
@@ -22,16 +27,19 @@ from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
 from llmstack.rl.experience import join
 
 
-def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code: bool = False):
-    """A one-label sequence classifier; a new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et
-    al. 2019, so early rewards are near zero and the backbone's features dominate the first updates. Value
-    models are loaded the same way (they start from a reward model, or a policy)."""
+def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code: bool = False,
+                      dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """A one-label sequence classifier with weights in `dtype` (`llmstack.models.causal_lm.weight_dtype`); a
+    new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et al. 2019, so early rewards are near zero
+    and the backbone's features dominate the first updates. Value models are loaded the same way (they start
+    from a reward model, or a policy). A model given in Python (a `memory:` name) is used as a copy."""
     if objects.is_memory(name_or_path):
-        model = _classifier_from_object(objects.fresh_copy(name_or_path))
+        model = _classifier_from_object(objects.fresh_copy(name_or_path)).to(dtype)
     else:
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code)
+                name_or_path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
         except (OSError, ValueError) as err:
             raise unloadable("reward or value model", name_or_path, err) from err
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -69,6 +77,21 @@ def statistics(model) -> tuple[float, float] | None:
     return None if mean is None or std is None else (float(mean), float(std))
 
 
+def pooled_positions(input_ids_NT: torch.Tensor, index_NK: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """[N, K] each position of `index_NK` moved back to the last token at or before it whose id is not
+    `pad_token_id`: where Hugging Face's sequence classifiers read their score (`last_non_pad_token`); the
+    position itself when it holds a real token or there is no pad id."""
+    if pad_token_id is None:
+        return index_NK
+    columns_T = torch.arange(input_ids_NT.shape[1], device=input_ids_NT.device)
+    last_real_NT = torch.where(input_ids_NT != pad_token_id, columns_T, 0).cummax(-1).values
+    return last_real_NT.gather(1, index_NK)
+
+
+def _pad_id(model) -> int | None:
+    return getattr(unwrap(model).config, "pad_token_id", None)
+
+
 def sequence_scores(model, input_ids_RT: torch.Tensor, attention_mask_RT: torch.Tensor) -> torch.Tensor:
     """[R] scores at each sequence's last real token, in fp32 (or the model's wider dtype). Goes through the (possibly distributed)
     model's own forward so DDP/FSDP hooks run, then applies the score head to the chosen positions only."""
@@ -78,19 +101,21 @@ def sequence_scores(model, input_ids_RT: torch.Tensor, attention_mask_RT: torch.
                 output_hidden_states=True)
     hidden_RTH = out.hidden_states[-1]
     columns = torch.arange(input_ids_RT.shape[1], device=input_ids_RT.device)
-    last_R = (columns * attention_mask_RT).argmax(-1)
+    last_R = pooled_positions(input_ids_RT, (columns * attention_mask_RT).argmax(-1)[:, None], _pad_id(model))[:, 0]
     rows = torch.arange(len(last_R), device=last_R.device)
     return at_least_fp32(apply_head(score_head(model), hidden_RTH[rows, last_R]).squeeze(-1))
 
 
 def scores_at(model, input_ids_NT: torch.Tensor, attention_mask, position_ids_NT: torch.Tensor,
               index_NK: torch.Tensor) -> torch.Tensor:
-    """[N, K] scores read at positions `index_NK` of each row, from one forward pass: K responses sharing a
-    row (with an attention mask that keeps them apart, see `llmstack.data.preference.shared_prompt_mask`)
-    are scored together. In fp32 (or the model's wider dtype)."""
+    """[N, K] scores read at positions `index_NK` of each row (each response's last token; moved back over
+    pad ids as Hugging Face pools, `pooled_positions`), from one forward pass: K responses sharing a row
+    (with an attention mask that keeps them apart, see `llmstack.data.preference.shared_prompt_mask`) are
+    scored together. In fp32 (or the model's wider dtype)."""
     out = model(input_ids=input_ids_NT, attention_mask=attention_mask, position_ids=position_ids_NT,
                 output_hidden_states=True)
     hidden_NTH = out.hidden_states[-1]
+    index_NK = pooled_positions(input_ids_NT, index_NK, _pad_id(model))
     rows = torch.arange(hidden_NTH.shape[0], device=hidden_NTH.device)[:, None]
     return at_least_fp32(apply_head(score_head(model), hidden_NTH[rows, index_NK]).squeeze(-1))
 

@@ -16,8 +16,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from llmstack.config import ConfigError
-from llmstack.models import causal_lm
+from llmstack.models import causal_lm, lora
 from llmstack.trainers import distributed
+from llmstack.tracking.record import find_parent
 
 log = logging.getLogger("llmstack")
 
@@ -30,8 +31,43 @@ class NonFiniteLossError(RuntimeError):
 # Accelerator and the start-of-run report
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX; /proc/cpuinfo's flags). Without
+    either, torch emulates bf16 matmuls through fp32 and autocast only adds casts."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, cuda: bool | None = None, cpuinfo: str | None = None) -> str:
+    """`train.precision` as a run uses it: `auto` is bf16 on a CUDA device with bf16 (Ampere and later) and
+    on a CPU with AVX512-BF16 or AMX, fp32 elsewhere; other values are kept."""
+    if precision != "auto":
+        return precision
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if cpu_has_bf16(cpuinfo) else "fp32"
+
+
+def compute_precision(acc: Accelerator) -> str:
+    """The run's resolved precision (fp32 | bf16 | fp16), from the accelerator's mixed-precision mode."""
+    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(acc.mixed_precision)]
+
+
 def make_accelerator(precision: str, grad_accum: int, trackers: list[str], project_dir: str,
                      micro_batch: int | None = None, max_grad_norm: float = 0.0) -> Accelerator:
+    precision = resolve_precision(precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.precision': fp16 needs a CUDA device (it relies on loss scaling); "
                           "use train.precision=bf16 or fp32 on CPU")
@@ -89,8 +125,30 @@ def setup_logging(is_main: bool) -> None:
 # Optimiser and learning-rate schedule
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, betas: list[float], weight_decay: float):
-    """AdamW; biases and norm gains (1-D tensors) are not decayed, as in GPT-3 and Llama training. The fused
+# Fine-tuning a pretrained checkpoint takes peak learning rates of about 1e-6 to 1e-4 (SFT 1e-5 to 1e-4, reward
+# models about 1e-5, RL 1e-6 to 1e-5); the 1e-3 to 3e-3 that train the tiny presets from scratch (and fill
+# configs/tiny/) wreck such a model within a few steps.
+FINE_TUNING_MAX_LR = 2e-4
+
+
+def learning_rate_facts(stage: str, name_or_path: str | None, lr: float, weight_decay: float) -> dict:
+    """record.json's account of the learning rate: whether the run starts from a checkpoint trained elsewhere
+    (a Hub name or a directory that is not an llmstack run's model/), and, when its `train.lr` is a
+    from-scratch rate, a warning naming the key (logged and recorded)."""
+    external = name_or_path is not None and "run_dir" not in (find_parent(name_or_path) or {})
+    facts = {"lr": lr, "weight_decay": weight_decay, "starts_from_outside_checkpoint": external}
+    if external and lr > FINE_TUNING_MAX_LR:
+        facts["warning"] = (f"{stage}: train.lr={lr:g} is a learning rate for training from scratch, and "
+                            f"{name_or_path} is a pretrained checkpoint it would wreck; fine-tuning takes 1e-6 to "
+                            f"1e-4 (e.g. train.lr=2e-5), with train.weight_decay=0 or small")
+        log.warning(facts["warning"])
+    return facts
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: list[float], weight_decay: float,
+                    kind: str = "adamw"):
+    """AdamW (`kind` adamw, or adamw_8bit: `llmstack.models.lora.adamw_8bit`); biases and norm gains (1-D
+    tensors) are not decayed, as in GPT-3 and Llama training. The fused
     implementation updates all tensors in one kernel per device: on 2 CPU threads a step over 26M parameters
     took 17 ms against 43 ms for torch's default per-tensor loop (30 against 85 ms on one thread), and on CUDA it is
     the fastest of torch's AdamW implementations; the arithmetic is the same (5e-8 apart after 5 steps)."""
@@ -99,6 +157,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: list[float], weigh
         if param.requires_grad:
             (decay if causal_lm.ndim(param) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adamw_8bit":
+        return lora.adamw_8bit(groups, lr, tuple(betas))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 
 

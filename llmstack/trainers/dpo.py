@@ -44,7 +44,7 @@ from llmstack.models.fused import apply_kernels
 from llmstack.models.lora import adapters_disabled, prepare_for_training
 from llmstack.rl.rollout import SamplingSettings, rollout
 from llmstack.rl.sampling import row_seeds
-from llmstack.trainers.base import log
+from llmstack.trainers.base import compute_precision, log
 from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
@@ -100,16 +100,29 @@ def reference_of(batch: dict, model, kernels: KernelPlan) -> torch.Tensor:
         return response_logprobs(model, batch, kernels)
 
 
-def dpo_objective(cfg: DPOConfig, kernels: KernelPlan) -> SupervisedObjective:
+def dpo_objective(cfg: DPOConfig, kernels: KernelPlan, fresh: bool = False) -> SupervisedObjective:
+    """DPO's loss on preference rows. `fresh` (a run starting at its first step, where the policy still is
+    the reference): the first training batch's largest |log pi - log ref| over its responses is reported once as
+    `health/logprob_gap`, the precision noise between the reference's pass and the training pass (0 when
+    both compute alike)."""
     d = cfg.dpo
+    pending, first = {}, [fresh]
 
     def loss_sum(model, batch: dict) -> torch.Tensor:
-        loss_N, _, _ = dpo_ranking_loss(response_logprobs(model, batch, kernels), reference_of(batch, model, kernels),
-                                        batch["ranks"], d.beta, d.rankings, d.loss, d.label_smoothing)
+        logp_NK, ref_NK = response_logprobs(model, batch, kernels), reference_of(batch, model, kernels)
+        if first[0] and torch.is_grad_enabled():  # a training pass, not the evaluation before training
+            first[0] = False
+            pending["health/logprob_gap"] = float((logp_NK.detach().float() - ref_NK.float()).abs().max())
+        loss_N, _, _ = dpo_ranking_loss(logp_NK, ref_NK, batch["ranks"], d.beta, d.rankings, d.loss, d.label_smoothing)
         return loss_N.sum()
 
+    def health() -> dict:
+        out = dict(pending)
+        pending.clear()
+        return out
+
     return SupervisedObjective(loss_sum=loss_sum, count_targets=lambda b: len(b["ranks"]),
-                               count_tokens=lambda b: int((b["segment_ids"] != PAD_SEGMENT).sum()))
+                               count_tokens=lambda b: int((b["segment_ids"] != PAD_SEGMENT).sum()), health=health)
 
 
 @torch.no_grad()
@@ -143,15 +156,17 @@ def _reference_for(run, cfg: DPOConfig, model, train_rows, held_rows, kernels) -
     return saved
 
 
-def kl_reader(acc, cfg: DPOConfig, tokenizer, prompts: list, kernels: KernelPlan):
+def kl_reader(acc, cfg: DPOConfig, tokenizer, prompts: list, kernels: KernelPlan, dtype: torch.dtype):
     """f(policy, step) -> {'eval_kl': mean over sampled answers to held-out prompts of log pi - log ref}, or
     None when `dpo.kl_prompts` is 0. Answers are sampled at temperature 1 from fixed seeds, so every
-    evaluation reads the same prompts the same way."""
+    evaluation reads the same prompts the same way. The reference is held in the policy's weight `dtype` and
+    run under the same autocast, so before the first update the two agree exactly."""
     if not cfg.dpo.kl_prompts or not prompts:
         return None
     m = cfg.model
-    reference = None if cfg.lora.enabled else causal_lm.no_dropout(
-        causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)).requires_grad_(False).eval()
+    reference = None if cfg.lora.enabled else causal_lm.no_dropout(causal_lm.load_causal_lm(
+        m.name_or_path, m.gguf_file, m.trust_remote_code, dtype=dtype,
+        attn_implementation=m.attn_implementation)).requires_grad_(False).eval()
     if reference is not None:
         reference.to(acc.device)
     rows = left_padded(tokenizer, prompts[:cfg.dpo.kl_prompts], cfg.data.max_length)
@@ -163,10 +178,11 @@ def kl_reader(acc, cfg: DPOConfig, tokenizer, prompts: list, kernels: KernelPlan
         engine.load_weights(policy)
         exp = rollout(engine, rows.input_ids.to(acc.device), rows.attention_mask.to(acc.device), rows.index,
                       row_seeds(cfg.seed, 0, rows.index))
-        logp, _ = token_logprobs(policy, *exp.response_args(), 1.0, kernels)
-        disabled = adapters_disabled(policy) if reference is None else contextlib.nullcontext()
-        with disabled:
-            ref_logp, _ = token_logprobs(reference or policy, *exp.response_args(), 1.0, kernels)
+        with acc.autocast():
+            logp, _ = token_logprobs(policy, *exp.response_args(), 1.0, kernels)
+            disabled = adapters_disabled(policy) if reference is None else contextlib.nullcontext()
+            with disabled:
+                ref_logp, _ = token_logprobs(reference or policy, *exp.response_args(), 1.0, kernels)
         return {"eval_kl": float(((logp - ref_logp) * exp.mask).sum(-1).mean())}
 
     return read
@@ -188,19 +204,20 @@ def dpo(cfg: DPOConfig, callbacks=()) -> LoopResult | None:
     log.info(f"dpo: {len(train_rows)} training rankings, {len(held_rows) if held_rows else 0} held out "
              f"(each prompt computed once for all its responses, {train_rows.stats['sharing_factor']:.2f}x fewer "
              "tokens)")
+    dtype = causal_lm.weight_dtype(m.dtype, compute_precision(acc), frozen=False)
     model = causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code,
-                                                          cfg.lora.load_in_4bit))
+                                                          cfg.lora.load_in_4bit, dtype, m.attn_implementation))
     causal_lm.check_vocab(model, tokenizer)
-    model = prepare_for_training(model, cfg.lora, gradient_checkpointing=False)
+    model = prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing)
     kernels = apply_kernels(model, cfg.kernels, acc.device)
-    objective = dpo_objective(cfg, kernels.plan)
+    objective = dpo_objective(cfg, kernels.plan, fresh=run.checkpointer.latest() is None)
     reference = {} if cfg.lora.enabled else _reference_for(run, cfg, model, train_rows, held_rows, kernels.plan)
     if reference:
         train_rows = WithReference(train_rows, reference["train"])
         held_rows = WithReference(held_rows, reference["held_out"]) if held_rows is not None else None
     batches = batching.ShuffledBatches(train_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                        cfg.seed)
-    kl = kl_reader(acc, cfg, tokenizer, [g.prompt for g in held_groups], kernels.plan)
+    kl = kl_reader(acc, cfg, tokenizer, [g.prompt for g in held_groups], kernels.plan, dtype)
 
     def held_out():
         return batching.eval_batches(held_rows, cfg.train.batch_size, acc.process_index, acc.num_processes)

@@ -22,7 +22,7 @@ from llmstack.data.text import pack_corpus
 from llmstack.models import causal_lm
 from llmstack.models.engines import build_engine
 from llmstack.models.fused import apply_kernels
-from llmstack.models.lora import prepare_for_training
+from llmstack.models.lora import checkpoint_activations, prepare_for_training
 from llmstack.models.reward_model import RewardModelScores, load_reward_model, statistics
 from llmstack.rl.estimators import ESTIMATORS, check_group_size
 from llmstack.rl.kl import AdaptiveKLController, FixedKLController
@@ -30,31 +30,48 @@ from llmstack.rl.reward_functions import FunctionReward, reward_function
 from llmstack.rl.rewards import RewardInputs, RewardNormaliser, import_callable
 from llmstack.rl.rollout import SamplingSettings
 from llmstack.trainers import distributed
-from llmstack.trainers.base import build_optimizer, build_scheduler, log
+from llmstack.trainers.base import build_optimizer, build_scheduler, compute_precision, learning_rate_facts, log
 from llmstack.trainers.loop import LoopResult, LoopState, StepReport, resume, run_loop
-from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, rollout_metrics,
-                                         score, update, write_samples)
-from llmstack.trainers.run import Run, close_run, open_run
+from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, noise_floor,
+                                         rollout_metrics, score, update, write_samples)
+from llmstack.trainers.run import Run, close_run, open_run, precision_facts
 from llmstack.tracking.record import find_parent
 from llmstack.tracking.run_dir import owns_output_dir
 
 
-def build_models(cfg: PPOConfig, tokenizer) -> tuple[RLModels, object]:
+def build_models(cfg: PPOConfig, tokenizer, compute: str = "fp32") -> tuple[RLModels, object]:
     """(the policy, reference and, for a critic, the value model; the reward model or None), loaded and not
-    yet placed. The value model starts from `value_model.name_or_path`, else the reward model."""
+    yet placed, for the run's compute precision `compute`.
+
+    Weight dtypes (`model.dtype`, `causal_lm.weight_dtype`): the policy and the value model train, so they
+    keep fp32 master weights under `auto`; the reward model is only scored and loads in the compute dtype.
+    The reference is frozen too, but its log-probabilities are compared token by token with the policy's:
+    held in the policy's dtype and run under the same autocast, identical weights give a KL of exactly 0,
+    where a bf16 copy beside an fp32-master policy gives a KL of precision noise as large as the signal. Its
+    memory is saved by LoRA (no copy at all) or by `model.dtype=bf16` (both in bf16)."""
     m = cfg.model
-    policy = causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code))
+    trained = causal_lm.weight_dtype(m.dtype, compute, frozen=False)
+    frozen = causal_lm.weight_dtype(m.dtype, compute, frozen=True)
+
+    def policy_copy():
+        return causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code,
+                                                             dtype=trained, attn_implementation=m.attn_implementation))
+
+    policy = policy_copy()
     # Under LoRA the reference is the policy with its adapter switched off: no second copy of the weights
-    reference = None if cfg.lora.enabled else \
-        causal_lm.no_dropout(causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)).eval()
-    policy = prepare_for_training(policy, cfg.lora, gradient_checkpointing=False)
+    reference = None if cfg.lora.enabled else policy_copy().eval()
+    policy = prepare_for_training(policy, cfg.lora, cfg.gradient_checkpointing)
     reward_model = None
     if cfg.reward_model.name_or_path:
-        reward_model = causal_lm.no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed))
+        reward_model = causal_lm.no_dropout(load_reward_model(cfg.reward_model.name_or_path, tokenizer, cfg.seed,
+                                                              dtype=frozen, attn_implementation=m.attn_implementation))
     value = None
     if ESTIMATORS[cfg.ppo.estimator].needs_critic:
         value_path = cfg.value_model.name_or_path or cfg.reward_model.name_or_path
-        value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed))
+        value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed, dtype=trained,
+                                                       attn_implementation=m.attn_implementation))
+        if cfg.gradient_checkpointing:
+            checkpoint_activations(value)
     for frozen in (reference, reward_model):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
@@ -118,6 +135,7 @@ class PPOSetup:
     schedulers: list
     kl_ctl: object
     ptx: batching.ShuffledBatches | None
+    precision: dict
 
     def checkpoint_state(self) -> dict:
         return {"data": self.prompts.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
@@ -144,15 +162,16 @@ def setup(run: Run, cfg: PPOConfig, functions: dict[str, Callable]) -> PPOSetup:
     ensure_chat_template(tokenizer)
     rows, conversations, columns = load_prompts(cfg, tokenizer)
     prompts = batching.ShuffledBatches(rows, cfg.rollout.batch_size, acc.process_index, acc.num_processes, cfg.seed)
-    models, reward_model = build_models(cfg, tokenizer)
+    models, reward_model = build_models(cfg, tokenizer, compute_precision(acc))
     kernels = [apply_kernels(m, cfg.kernels, acc.device) for m in (models.policy, models.reference) if m is not None][0]
     # one model per prepare: DeepSpeed builds an engine per model, FSDP2 shards one model at a time
     models.policy, policy_optimizer = acc.prepare(
-        models.policy, build_optimizer(models.policy, train.lr, train.adam_betas, train.weight_decay))
+        models.policy, build_optimizer(models.policy, train.lr, train.adam_betas, train.weight_decay, train.optimizer))
     optimizers = [policy_optimizer]
     if models.value is not None:
         models.value, value_optimizer = acc.prepare(
-            models.value, build_optimizer(models.value, p.value_lr, train.adam_betas, train.weight_decay))
+            models.value, build_optimizer(models.value, p.value_lr, train.adam_betas, train.weight_decay,
+                                          train.optimizer))
         optimizers.append(value_optimizer)
     # on the prepared optimisers, which under ZeRO offload are DeepSpeed's CPU Adam (see stage.py)
     schedulers = [build_scheduler(o, train.schedule, train.warmup_steps, train.max_steps, train.min_lr_ratio)
@@ -175,8 +194,10 @@ def setup(run: Run, cfg: PPOConfig, functions: dict[str, Callable]) -> PPOSetup:
         blocks, _ = pack_corpus(cfg.data.ptx, tokenizer, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                                 0.0, cfg.seed)
         ptx = batching.ShuffledBatches(blocks, train.batch_size, acc.process_index, acc.num_processes, cfg.seed)
+    precision = precision_facts(run, policy=models.policy, reference=models.reference, value_model=models.value,
+                                reward_model=reward_model)
     return PPOSetup(tokenizer, rows, conversations, columns, prompts, models, reward_sources(cfg, reward_model, functions),
-                    normaliser, engine, kernels, optimizers, schedulers, kl_ctl, ptx)
+                    normaliser, engine, kernels, optimizers, schedulers, kl_ctl, ptx, precision)
 
 
 def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]):
@@ -184,6 +205,7 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
     acc, train = run.accelerator, cfg.train
     _, score_settings, update_settings = settings_of(cfg)
     batches, ptx_batches = iter(s.prompts), iter(s.ptx) if s.ptx is not None else None
+    warned_cut = [False]  # once per run
 
     def decode(exp) -> list[str]:
         return [s.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
@@ -202,14 +224,25 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
         stats = update(acc, exp, s.models, s.optimizers, s.schedulers, s.kl_ctl.coef, update_settings, state.step,
                        s.kernels.plan, ptx_batches)
         t_update = time.perf_counter()
+        gap = stats.pop("logprob_gap")
+        # before the first update of a fresh run the policy is the reference: what they differ by is noise
+        health = noise_floor(acc, exp, gap) if state.step == 0 else {}
         rollout = rollout_metrics(acc, exp, inputs, s.kl_ctl.coef, metrics)
+        if not warned_cut[0]:
+            warned_cut[0] = warn_if_answers_cut(rollout["eos_rate"], cfg.rollout.max_new_tokens,
+                                                cfg.ppo.missing_eos_penalty)
         s.kl_ctl.update(rollout["kl"], len(exp) * acc.num_processes)
         state.step += 1
         state.last_loss = stats["loss"]
         row = {}
+        if health:
+            warn_if_kl_target_in_noise(health, cfg.ppo.kl_target, float(exp.mask.sum(-1).float().mean()))
+            row = {"loss": stats["loss"], **health}
+            if run.record is not None:
+                run.record.update(health=health)
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             tokens = int(acc.reduce(exp.mask.sum(), "sum"))
-            row = {**stats, **rollout, "time_generate": t_gen - timer, "time_score": t_score - t_gen,
+            row = {**row, **stats, **rollout, "time_generate": t_gen - timer, "time_score": t_score - t_gen,
                    "time_update": t_update - t_score, "tokens_per_s": tokens / (t_update - timer)}
             if acc.is_main_process and cfg.samples_per_step:
                 write_samples(run.dir / "samples.jsonl", exp, inputs, state.step, cfg.samples_per_step)
@@ -217,6 +250,31 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
         return StepReport(row, {"reward": rollout["reward"], "kl": rollout["kl"]})
 
     return step
+
+
+def warn_if_answers_cut(eos_rate: float, max_new_tokens: int, missing_eos_penalty: float | None) -> bool:
+    """Warn (and return True) when most of a rollout's answers stopped at the length limit without EOS: a
+    reward model trained on finished answers then scores positions it never saw in training."""
+    if eos_rate >= 0.5:
+        return False
+    fix = "raise rollout.max_new_tokens" + ("" if missing_eos_penalty is not None else
+                                             ", or set ppo.missing_eos_penalty to score cut answers down")
+    log.warning(f"ppo: {1 - eos_rate:.0%} of the answers were cut at rollout.max_new_tokens={max_new_tokens} "
+                f"without EOS, so their scores are read at positions the reward model was not trained on; {fix}")
+    return True
+
+
+def warn_if_kl_target_in_noise(health: dict, kl_target: float | None, mean_length: float) -> None:
+    """Warn when the KL target (per sequence) is within 10x of the measured precision noise: the adaptive
+    controller would then steer on noise. The noise is the larger of the KL between identical models and the
+    rollout-vs-update gap over an average response."""
+    floor = max(health["health/kl_identical"], health["health/logprob_gap"] * mean_length)
+    log.info(f"ppo: precision noise floor {floor:.3g} nats per answer (health/kl_identical "
+             f"{health['health/kl_identical']:.3g}, health/logprob_gap {health['health/logprob_gap']:.3g} per token)")
+    if kl_target is not None and kl_target < 10 * floor:
+        log.warning(f"ppo.kl_target={kl_target} is not well above the KL that precision noise alone gives here "
+                    f"({floor:.3g} nats per answer between identical models): the controller would act on noise; "
+                    "raise ppo.kl_target, or run train.precision=fp32")
 
 
 def _named_metric(spec: str) -> tuple[str, MetricFn]:
@@ -263,7 +321,9 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
         run.record.update(parent=start, parents={"model": start, "reward_model": reward_model},
                           inputs={"prompts": {"spec": cfg.data.train}, "reward_model": reward_model},
                           data={"prompts": len(s.prompt_rows)}, resumed_from_step=state.step or None,
-                          kernels=s.kernels.summary(),
+                          kernels=s.kernels.summary(), precision=s.precision,
+                          learning_rate=learning_rate_facts(run.stage, cfg.model.name_or_path, cfg.train.lr,
+                                                            cfg.train.weight_decay),
                           algorithm={"estimator": cfg.ppo.estimator, "critic": s.models.value is not None,
                                      "samples_per_prompt": cfg.rollout.samples_per_prompt,
                                      "loss_aggregation": cfg.ppo.loss_aggregation, "kl_in": cfg.ppo.kl_in,

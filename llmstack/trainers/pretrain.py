@@ -14,7 +14,7 @@ from llmstack.losses import count_targets
 from llmstack.models import causal_lm
 from llmstack.models.forward import lm_loss_sum
 from llmstack.models.fused import apply_kernels
-from llmstack.trainers.base import log
+from llmstack.trainers.base import compute_precision, log
 from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import Run, open_run
 from llmstack.trainers.stage import run_supervised_stage
@@ -82,14 +82,18 @@ def _first_eval_blocks(cfg: PretrainConfig, tokenizer, limit: int) -> text.Packe
     return text.PackedBlocks(torch.tensor(ids), torch.tensor(labels))
 
 
-def prepare_model(cfg: PretrainConfig, tokenizer):
+def prepare_model(cfg: PretrainConfig, tokenizer, compute: str = "fp32"):
+    """The model to train, its weights in `model.dtype` for the run's compute precision `compute`."""
     m = cfg.model
+    dtype = causal_lm.weight_dtype(m.dtype, compute, frozen=False)
     if m.name_or_path:
         if m.preset:
             log.info(f"pretrain: continuing pretraining of {m.name_or_path} (model.preset is not used)")
-        model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code)
+        model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code, dtype=dtype,
+                                         attn_implementation=m.attn_implementation)
     else:
-        model = causal_lm.build_from_preset(m.preset, tokenizer, cfg.data.block_size, cfg.seed)
+        model = causal_lm.build_from_preset(m.preset, tokenizer, cfg.data.block_size, cfg.seed, dtype,
+                                            m.attn_implementation)
     causal_lm.check_vocab(model, tokenizer)
     return model
 
@@ -105,7 +109,7 @@ def pretrain(cfg: PretrainConfig, callbacks=()) -> LoopResult | None:
         causal_lm.preset_config(cfg.model.preset, cfg.model.vocab_size, cfg.data.block_size)
     tokenizer = prepare_tokenizer(cfg, run)
     batches, held_out, data_facts = prepare_data(cfg, tokenizer, acc.process_index, acc.num_processes)
-    model = prepare_model(cfg, tokenizer)
+    model = prepare_model(cfg, tokenizer, compute_precision(acc))
     kernels = apply_kernels(model, cfg.kernels, acc.device)
     train = cfg.train
 

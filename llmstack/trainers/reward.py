@@ -20,8 +20,9 @@ from llmstack.data.preference import PAD_SEGMENT, build_preference_rows, load_gr
 from llmstack.evaluation.heldout import preference_metrics, score_statistics
 from llmstack.losses import ranking_loss_sum
 from llmstack.models import causal_lm
+from llmstack.models.lora import checkpoint_activations
 from llmstack.models.reward_model import load_reward_model, scores_at
-from llmstack.trainers.base import log
+from llmstack.trainers.base import compute_precision, log
 from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
@@ -67,7 +68,11 @@ def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
              f"computed once for all its responses, {train_rows.stats['sharing_factor']:.2f}x fewer tokens)")
     batches = batching.ShuffledBatches(train_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                        cfg.seed)
-    model = load_reward_model(m.name_or_path, tokenizer, cfg.seed, m.trust_remote_code)
+    model = load_reward_model(m.name_or_path, tokenizer, cfg.seed, m.trust_remote_code,
+                              causal_lm.weight_dtype(m.dtype, compute_precision(acc), frozen=False),
+                              m.attn_implementation)
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
     objective = reward_objective(cfg.use_margins, cfg.center_coef)
 
     def held_out():

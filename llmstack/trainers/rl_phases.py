@@ -96,17 +96,20 @@ def generate(acc, engine: RolloutEngine, policy, prompts: dict, seed: int, step:
 def score(acc, exp: Experience, models: RLModels, inputs: RewardInputs, sources: list, normaliser: RewardNormaliser,
           kl_coef: float, settings: ScoreSettings, kernels: KernelPlan) -> Experience:
     """Fill in everything the update needs: old and reference log-probabilities, values, scores, the per-token
-    KL, and advantages and returns from the estimator."""
+    KL, and advantages and returns from the estimator. Every model runs under the run's autocast: the trained
+    ones get it from `accelerator.prepare`, the frozen reference does not, and a reference computed in another
+    precision than the policy reads precision noise as KL."""
     s = settings
-    exp.logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
-    if models.reference is None:
-        with adapters_disabled(models.policy):
-            exp.ref_logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
-    else:
-        exp.ref_logp, _ = token_logprobs(models.reference, *exp.response_args(), s.temperature, kernels)
-    if models.value is not None:
-        exp.values = token_values(models.value, *exp.response_args()) * exp.mask
-    exp.raw_scores, exp.source_scores = combined(sources, inputs)
+    with acc.autocast():
+        exp.logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
+        if models.reference is None:
+            with adapters_disabled(models.policy):
+                exp.ref_logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
+        else:
+            exp.ref_logp, _ = token_logprobs(models.reference, *exp.response_args(), s.temperature, kernels)
+        if models.value is not None:
+            exp.values = token_values(models.value, *exp.response_args()) * exp.mask
+        exp.raw_scores, exp.source_scores = combined(sources, inputs)
     scores = normaliser(exp.raw_scores.clone(), acc.gather)
     if s.missing_eos_penalty is not None:
         scores = scores - s.missing_eos_penalty * (~exp.ended).float()
@@ -137,6 +140,7 @@ def _policy_loss(acc, exp: Experience, idx, models: RLModels, kl_coef: float, s:
     logp, entropy = token_logprobs(models.policy, *exp.response_args(idx), s.temperature, kernels,
                                    with_entropy=True)
     loss_bR, stats = ppo_policy_loss_tokens(logp, exp.logp[idx], exp.advantages[idx], mask, s.clip)
+    stats["logprob_gap"] = ((logp.detach() - exp.logp[idx]).abs() * mask).max()
     if s.kl_in_loss:
         loss_bR = loss_bR + kl_coef * KL_ESTIMATORS[s.kl_estimator](logp, exp.ref_logp[idx]) * mask
     counts = global_counts(mask, s.max_new_tokens, lambda t: acc.reduce(t, "sum"))
@@ -155,9 +159,11 @@ def update(acc, exp: Experience, models: RLModels, optimizers, schedulers, kl_co
            step: int, kernels: KernelPlan, ptx_batches=None) -> dict:
     """`epochs` passes over the rollout in shuffled minibatches; with PPO-ptx each minibatch's policy gradient
     also gets `ptx_coef` times a pretraining batch's loss gradient; the value model (when there is one) takes
-    a clipped value step on the same minibatch. Returns the step's update metrics."""
+    a clipped value step on the same minibatch. Returns the step's update metrics, with `logprob_gap`: the
+    largest |log p| difference between the first minibatch's update pass and the rollout's (`score`) pass over
+    the same tokens and weights, over all processes (0 when both passes compute alike)."""
     s = settings
-    ptx_total, n_minibatches = 0.0, 0
+    ptx_total, n_minibatches, gap = 0.0, 0, None
     order = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
     losses = torch.zeros(2, device=acc.device, dtype=torch.float64)  # global values summed over minibatches
     local = torch.zeros(4, device=acc.device, dtype=torch.float64)  # clipped, approx KL, entropy, tokens
@@ -167,6 +173,8 @@ def update(acc, exp: Experience, models: RLModels, optimizers, schedulers, kl_co
             idx = idx.to(acc.device)
             mask = exp.mask[idx]
             policy_share, stats, entropy = _policy_loss(acc, exp, idx, models, kl_coef, s, kernels)
+            if gap is None:
+                gap = stats["logprob_gap"]
             objectives = [policy_share]
             if models.value is not None:
                 objectives.append(_value_share(acc, exp, idx, models.value, s.value_clip))
@@ -196,12 +204,22 @@ def update(acc, exp: Experience, models: RLModels, optimizers, schedulers, kl_co
     local = acc.reduce(local, "sum")
     tokens = local[3].clamp(min=1)
     out = {"loss": float(losses[0] / n_minibatches), "clip_fraction": float(local[0] / tokens),
-           "approx_kl": float(local[1] / tokens), "entropy": float(local[2] / tokens)}
+           "approx_kl": float(local[1] / tokens), "entropy": float(local[2] / tokens),
+           "logprob_gap": float(acc.gather(gap.double().reshape(1)).max())}
     if models.value is not None:
         out["value_loss"] = float(losses[1] / n_minibatches)
     if ptx_batches is not None:
         out["ptx_loss"] = ptx_total / n_minibatches
     return out
+
+
+def noise_floor(acc, exp: Experience, logprob_gap: float) -> dict:
+    """Step-1 health of a run whose policy and reference are still the same weights: `health/kl_identical`,
+    the mean over responses of sum_t |log pi - log ref| (what precision noise alone adds to a sequence's KL;
+    exactly 0 when both are computed alike), and `health/logprob_gap`, the rollout-vs-update difference
+    (`update`), also per token."""
+    per_sequence = acc.gather(((exp.logp - exp.ref_logp).abs() * exp.mask).sum(-1).contiguous()).double()
+    return {"health/kl_identical": float(per_sequence.mean()), "health/logprob_gap": logprob_gap}
 
 
 def rollout_metrics(acc, exp: Experience, inputs: RewardInputs, kl_coef: float, metrics: dict[str, MetricFn]) -> dict:

@@ -17,8 +17,9 @@ from accelerate.utils import set_seed
 
 from llmstack.config import save_config, to_dict
 from llmstack.models.causal_lm import save_model
+from llmstack.models.heads import unwrap
 from llmstack.models.lora import has_adapters, merged
-from llmstack.trainers.base import describe_world, log, make_accelerator, setup_logging
+from llmstack.trainers.base import compute_precision, describe_world, log, make_accelerator, setup_logging
 from llmstack.trainers.checkpoint import Checkpointer
 from llmstack.trainers.callbacks import Callbacks, TrackerCallback
 from llmstack.tracking.energy import EnergyMeter
@@ -81,6 +82,20 @@ def open_run(cfg, stage: str, callbacks=()) -> Run:
               energy=EnergyMeter(power_watts=train.power_watts, processes=here))
     run.energy.start()
     return run
+
+
+def precision_facts(run: Run, **models) -> dict:
+    """record.json's account of precision: `train.precision` as asked and as resolved on this machine, and
+    each model's weight dtype and attention implementation as loaded (read off the models themselves)."""
+    facts = {"train_precision": run.cfg.train.precision, "compute": compute_precision(run.accelerator),
+             "model_dtype": run.cfg.model.dtype, "weights": {}, "attn_implementation": {}}
+    for name, model in models.items():
+        if model is None:
+            continue
+        inner = unwrap(model)
+        facts["weights"][name] = str(next(inner.parameters()).dtype).removeprefix("torch.")
+        facts["attn_implementation"][name] = getattr(inner.config, "_attn_implementation", None)
+    return facts
 
 
 def finished_record(run_dir: Path, stage: str | None = None) -> dict | None:

@@ -22,7 +22,7 @@ from llmstack.models.engines.hf import greedy_reply
 from llmstack.models.forward import lm_loss_sum
 from llmstack.models.fused import apply_kernels
 from llmstack.models.lora import prepare_for_training
-from llmstack.trainers.base import log
+from llmstack.trainers.base import compute_precision, log
 from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
@@ -103,7 +103,9 @@ def sft(cfg: SFTConfig, callbacks=()) -> LoopResult | None:
              f"{train_rows.stats['truncated']} truncated at {d.max_length} tokens)")
     batches = batching.ShuffledBatches(train_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                        cfg.seed)
-    model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code, cfg.lora.load_in_4bit)
+    model = causal_lm.load_causal_lm(m.name_or_path, m.gguf_file, m.trust_remote_code, cfg.lora.load_in_4bit,
+                                     causal_lm.weight_dtype(m.dtype, compute_precision(acc), frozen=False),
+                                     m.attn_implementation)
     causal_lm.check_vocab(model, tokenizer)
     model = prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing)
     kernels = apply_kernels(model, cfg.kernels, acc.device)

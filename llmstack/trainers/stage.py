@@ -12,14 +12,12 @@ import torch
 from llmstack.evaluation.heldout import heldout_loss
 from llmstack.models import causal_lm
 from llmstack.trainers import distributed
-from llmstack.trainers.base import batch_arithmetic, build_optimizer, build_scheduler, log
+from llmstack.trainers.base import (batch_arithmetic, build_optimizer, build_scheduler, compute_precision,
+                                    learning_rate_facts, log)
 from llmstack.trainers.loop import LoopResult, LoopState, resume, run_loop
-from llmstack.trainers.run import Run, close_run
+from llmstack.trainers.run import Run, close_run, precision_facts
 from llmstack.trainers.supervised import SupervisedObjective, supervised_step
 from llmstack.tracking.mfu import peak_flops, transformer_flops_per_token
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _fmt(ev: dict) -> str:
     return ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in ev.items()) if ev else "(no held-out data)"
@@ -38,7 +36,7 @@ def _throughput_facts(run: Run, model, seq_len: int) -> tuple[float, float, str]
     flops_per_token = transformer_flops_per_token(causal_lm.matmul_params(model), mc.num_hidden_layers,
                                                   mc.hidden_size, seq_len)
     override = train.peak_tflops * 1e12 if train.peak_tflops else None
-    peak, source = peak_flops(acc.device, DTYPES[train.precision], override)
+    peak, source = peak_flops(acc.device, causal_lm.DTYPES[compute_precision(acc)], override)
     log.info(f"{run.stage}: MFU against {peak / 1e12:.2f} TFLOP/s per device ({source})")
     return flops_per_token, peak, source
 
@@ -61,7 +59,7 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
     log.info(f"{run.stage}: {batch_arithmetic(train.batch_size, train.grad_accum, acc.num_processes, seq_len)}")
     flops_per_token, peak, peak_source = _throughput_facts(run, model, seq_len)
 
-    optimizer = build_optimizer(model, train.lr, train.adam_betas, train.weight_decay)
+    optimizer = build_optimizer(model, train.lr, train.adam_betas, train.weight_decay, train.optimizer)
     model, optimizer = acc.prepare(model, optimizer)
     # after prepare: under ZeRO offload accelerate swaps in DeepSpeed's CPU Adam, and a schedule built on the
     # optimiser given to prepare would set learning rates nothing reads
@@ -81,7 +79,11 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
         state = LoopState(initial_eval=evaluate() if train.eval_every else {})
         log.info(f"{run.stage}: before training, held-out {_fmt(state.initial_eval)}")
     if run.record is not None:
-        run.record.update(**record, resumed_from_step=state.step or None,
+        facts = {"precision": precision_facts(run, model=model),
+                 "learning_rate": learning_rate_facts(run.stage, run.cfg.model.name_or_path, train.lr,
+                                                      train.weight_decay)}
+        run.record.update(**{**facts, **record},
+                          resumed_from_step=state.step or None,
                           model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params,
                                  "trainable_parameters": n_trainable})
         run.record.set_compute(acc.num_processes, device=str(acc.device), peak_flops_per_device=peak,

@@ -30,6 +30,9 @@ class SupervisedObjective:
     count_targets: Callable[[dict], int]
     count_tokens: Callable[[dict], int] = lambda batch: batch["input_ids"].numel()
     perplexity: bool = False  # the loss is a token-mean cross-entropy, so exp(loss) means something
+    # values measured while computing losses, logged once with the step they were measured in (their maximum
+    # over processes), e.g. DPO's step-1 health: {} when there is nothing new
+    health: Callable[[], dict[str, float]] | None = None
 
 
 def optimizer_step(acc: Accelerator, model, optimizer, scheduler, micro_batches: list[dict],
@@ -107,6 +110,10 @@ def supervised_step(acc: Accelerator, model, optimizer, scheduler, batches, obje
             row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak_flops * acc.num_processes)
             row["tokens_seen"] = state.tokens_seen
             window = Window()
+        health = objective.health() if objective.health is not None else {}
+        if health:
+            values = acc.gather(torch.tensor([list(health.values())], device=acc.device, dtype=torch.float64))
+            row = {"loss": loss, **row, **dict(zip(health, values.amax(0).tolist()))}
         evaluated = None
         if evaluate is not None and train.eval_every and (state.step % train.eval_every == 0 or last):
             state.last_eval = evaluated = evaluate(state.step)
