@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llmstack import ConfigError, SFTConfig, SFTTrainer
+from llmstack import ConfigError, SFTTrainer
 from llmstack.config import objects
 from llmstack.data import sources
 from llmstack.data.text import train_tokenizer

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import warnings
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator

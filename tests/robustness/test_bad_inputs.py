@@ -55,7 +55,7 @@ def jsonl(*records) -> str:
 
 
 def run_args(*extra: str, model: bool = True) -> list[str]:
-    return ["output_dir=run", *([f"model.name_or_path={{policy}}"] if model else []), *extra]
+    return ["output_dir=run", *(["model.name_or_path={policy}"] if model else []), *extra]
 
 
 SFT_OK = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}

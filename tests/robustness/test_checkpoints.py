@@ -5,7 +5,6 @@ applies a changed setting and records it, or refuses it and changes nothing."""
 import hashlib
 import importlib.util
 import json
-import os
 import pathlib
 import pickle
 import shutil
