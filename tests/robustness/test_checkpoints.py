@@ -243,3 +243,17 @@ def test_a_setting_that_cannot_change_on_resume_is_refused_and_nothing_changes(t
                                           r"another output_dir"):
         pretrain(config(out, change, "train.lr=1e-3"))
     assert snapshot(out) == before
+
+
+def test_tied_and_sliced_weights_are_stored_once_or_apart_and_read_back_exactly(tmp_path):
+    """safetensors refuses tensors that share memory: a tied weight is stored once and named again on
+    reading; a slice of another stored tensor's memory is stored as its own copy."""
+    fused = torch.arange(12.0).reshape(4, 3)
+    embed = torch.randn(5, 3)
+    state = {"embed.weight": embed, "head.weight": embed, "fused.weight": fused, "q.weight": fused[:2],
+             "k.weight": fused[2:]}
+    unique, aliases = checkpoint._unique(state)
+    assert aliases == {"head.weight": "embed.weight"}
+    checkpoint.save_file(unique, tmp_path / "m.safetensors", metadata={"aliases": json.dumps(aliases)})
+    read = checkpoint._with_aliases(tmp_path / "m.safetensors")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
