@@ -278,8 +278,7 @@ def _save_trained(acc: Accelerator, index: int, trained: Trained, tmp: Path) -> 
     if acc.distributed_type == DistributedType.DEEPSPEED:
         # ZeRO keeps fp32 master weights and optimiser state partitioned inside the engine; its own writer
         # saves them, and `_load_trained` reads them back without unpickling
-        trained.model.save_checkpoint(str(tmp / f"deepspeed-{index}"), tag="state", client_state={},
-                                      save_latest=False)
+        distributed.save_engine(trained.model, tmp / f"deepspeed-{index}")
         return
     per_rank = distributed.layout(acc) == "fsdp"
     if not (per_rank or acc.is_main_process):
@@ -297,12 +296,7 @@ def _save_trained(acc: Accelerator, index: int, trained: Trained, tmp: Path) -> 
 
 def _load_trained(acc: Accelerator, index: int, trained: Trained, path: Path) -> None:
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        engine = trained.model
-        engine.checkpoint_engine.load = _load_tensors_only
-        loaded, _ = engine.load_checkpoint(str(path / f"deepspeed-{index}"), tag="state", load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-        if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not read {path / f'deepspeed-{index}'}")
+        distributed.load_engine(trained.model, path / f"deepspeed-{index}")
         return
     suffix = f"-rank-{acc.process_index}" if distributed.layout(acc) == "fsdp" else ""
     model_file = path / f"model-{index}{suffix}.safetensors"
@@ -319,22 +313,6 @@ def _load_trained(acc: Accelerator, index: int, trained: Trained, path: Path) ->
     tensors = load_file(path / f"optimizer-{index}{suffix}.safetensors", device="cpu")
     saved = _join(layout, tensors)
     trained.optimizer.load_state_dict(_as_sharded_like(saved, trained.optimizer))
-
-
-def _load_tensors_only(path: str, map_location=None):
-    """DeepSpeed's reader, restricted to tensors, plain containers and the few DeepSpeed records listed."""
-    with torch.serialization.safe_globals(_deepspeed_records()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _deepspeed_records() -> list:
-    """Classes DeepSpeed's optimiser state holds as plain data (the ZeRO stage, the loss scale, a fragment's
-    offsets): rebuilt from their saved fields; nothing else named in a file can be loaded."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

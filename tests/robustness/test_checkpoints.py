@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from llmstack.config import ConfigError, PretrainConfig, load_config
 from llmstack.tracking.metrics import MetricsLog
-from llmstack.trainers import checkpoint
+from llmstack.trainers import checkpoint, distributed
 from llmstack.trainers.checkpoint import MANIFEST, Checkpointer, checkpoint_problem, file_sha256
 from llmstack.trainers.pretrain import pretrain
 
@@ -112,12 +112,12 @@ def test_the_reader_given_to_deepspeed_builds_tensors_and_its_records_only(tmp_p
     archive = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"module": {"w": torch.ones(2)}, "hook": _Touch(marker)}, archive)
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
-        checkpoint._load_tensors_only(str(archive))
+        distributed.load_tensors_only(str(archive))
     assert not marker.exists()
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
     torch.save({"loss_scaler": LossScaler(1.0), "fp32": [torch.arange(3.0)]}, archive)
-    loaded = checkpoint._load_tensors_only(str(archive))
+    loaded = distributed.load_tensors_only(str(archive))
     assert isinstance(loaded["loss_scaler"], LossScaler) and torch.equal(loaded["fp32"][0], torch.arange(3.0))
 
 
