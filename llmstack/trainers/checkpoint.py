@@ -230,16 +230,21 @@ def flat_settings(tree: dict, prefix: str = "") -> dict:
 # Verification
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """The file's sha256; with `sync`, its data is also on disk before the hash is returned."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
+        if sync:
+            os.fsync(fh.fileno())
     return digest.hexdigest()
 
 
 def _describe_files(root: Path) -> dict:
-    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    """Every file's size and hash, each synced first (some writers, safetensors' and DeepSpeed's, do not), so
+    the manifest never describes data still only in memory."""
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p, sync=True)}
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
@@ -323,15 +328,18 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def _unique(state: dict) -> tuple[dict, dict]:
     """Tensors stored once each (tied weights share storage, which safetensors refuses) and the names that
     alias a stored one."""
-    unique, aliases, seen = {}, {}, {}
+    unique, aliases, seen, storages = {}, {}, {}, set()
     for name, tensor in state.items():
         local = _local(tensor).detach()
-        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.dtype)
+        storage = local.untyped_storage().data_ptr()
+        key = (storage, local.storage_offset(), tuple(local.shape), local.dtype)
         if key in seen and local.numel():
             aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = local.cpu().contiguous()
+            continue
+        seen[key] = name
+        # a different view of storage already stored (a fused weight's slice) is written as a copy of its own
+        unique[name] = local.cpu().clone() if storage in storages and local.numel() else local.cpu().contiguous()
+        storages.add(storage)
     return unique, aliases
 
 
