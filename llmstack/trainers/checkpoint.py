@@ -230,16 +230,21 @@ def flat_settings(tree: dict, prefix: str = "") -> dict:
 # Verification
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """The file's sha256; with `sync`, its data is also on disk before the hash is returned."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
+        if sync:
+            os.fsync(fh.fileno())
     return digest.hexdigest()
 
 
 def _describe_files(root: Path) -> dict:
-    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    """Every file's size and hash, each synced first (some writers, safetensors' and DeepSpeed's, do not), so
+    the manifest never describes data still only in memory."""
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p, sync=True)}
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
@@ -278,8 +283,7 @@ def _save_trained(acc: Accelerator, index: int, trained: Trained, tmp: Path) -> 
     if acc.distributed_type == DistributedType.DEEPSPEED:
         # ZeRO keeps fp32 master weights and optimiser state partitioned inside the engine; its own writer
         # saves them, and `_load_trained` reads them back without unpickling
-        trained.model.save_checkpoint(str(tmp / f"deepspeed-{index}"), tag="state", client_state={},
-                                      save_latest=False)
+        distributed.save_engine(trained.model, tmp / f"deepspeed-{index}")
         return
     per_rank = distributed.layout(acc) == "fsdp"
     if not (per_rank or acc.is_main_process):
@@ -297,12 +301,7 @@ def _save_trained(acc: Accelerator, index: int, trained: Trained, tmp: Path) -> 
 
 def _load_trained(acc: Accelerator, index: int, trained: Trained, path: Path) -> None:
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        engine = trained.model
-        engine.checkpoint_engine.load = _load_tensors_only
-        loaded, _ = engine.load_checkpoint(str(path / f"deepspeed-{index}"), tag="state", load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-        if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not read {path / f'deepspeed-{index}'}")
+        distributed.load_engine(trained.model, path / f"deepspeed-{index}")
         return
     suffix = f"-rank-{acc.process_index}" if distributed.layout(acc) == "fsdp" else ""
     model_file = path / f"model-{index}{suffix}.safetensors"
@@ -321,12 +320,6 @@ def _load_trained(acc: Accelerator, index: int, trained: Trained, path: Path) ->
     trained.optimizer.load_state_dict(_as_sharded_like(saved, trained.optimizer))
 
 
-def _load_tensors_only(path: str, map_location=None):
-    """DeepSpeed's reader, restricted to tensors, plain containers and the few DeepSpeed records listed."""
-    with torch.serialization.safe_globals(distributed.deepspeed_checkpoint_records()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a (possibly FSDP2-sharded) tensor, sharing its storage."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -335,15 +328,18 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def _unique(state: dict) -> tuple[dict, dict]:
     """Tensors stored once each (tied weights share storage, which safetensors refuses) and the names that
     alias a stored one."""
-    unique, aliases, seen = {}, {}, {}
+    unique, aliases, seen, storages = {}, {}, {}, set()
     for name, tensor in state.items():
         local = _local(tensor).detach()
-        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.dtype)
+        storage = local.untyped_storage().data_ptr()
+        key = (storage, local.storage_offset(), tuple(local.shape), local.dtype)
         if key in seen and local.numel():
             aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = local.cpu().contiguous()
+            continue
+        seen[key] = name
+        # a different view of storage already stored (a fused weight's slice) is written as a copy of its own
+        unique[name] = local.cpu().clone() if storage in storages and local.numel() else local.cpu().contiguous()
+        storages.add(storage)
     return unique, aliases
 
 

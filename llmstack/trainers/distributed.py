@@ -12,7 +12,8 @@ process holds only a shard of each parameter, which matters in four places:
 - DeepSpeed runs backward and the optimiser step inside its engine, one engine per trained model
   (`backward`);
 - comparing or saving a model needs its gathered parameters (`full_state`; `accelerator.get_state_dict`
-  for the saved model/).
+  for the saved model/); a checkpoint holds each DeepSpeed engine as its own files (`save_engine`,
+  `load_engine`, which reads them without unpickling).
 
 accelerate's FSDP plugin only switches on for GPU-like devices; `adopt_fsdp_on_cpu` gives a CPU process
 group the same FSDP2 state, so CPU runs go through the code path GPU runs take.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -51,7 +53,7 @@ def flag(name: str) -> bool:
 
 def adopt_fsdp_on_cpu(acc: Accelerator) -> None:
     """Turn the CPU process group the launcher built into accelerate's FSDP2 state, configured from the
-    launcher's FSDP_* settings, so `prepare`, `save_state`, `get_state_dict` and clipping shard as on GPUs."""
+    launcher's FSDP_* settings, so `prepare`, `get_state_dict` and clipping shard as on GPUs."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()
@@ -174,6 +176,37 @@ def _fully_shard(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# DeepSpeed engines in checkpoints
+
+
+def save_engine(engine, directory: Path) -> None:
+    """A DeepSpeed engine's model and optimiser (partitioned under ZeRO) into `directory`, by its own writer;
+    every process must call this."""
+    engine.save_checkpoint(str(directory), tag="state", client_state={}, save_latest=False)
+
+
+def load_engine(engine, directory: Path) -> None:
+    """What `save_engine` wrote, read back with `load_tensors_only` (DeepSpeed's own reader unpickles)."""
+    engine.checkpoint_engine.load = load_tensors_only
+    loaded, _ = engine.load_checkpoint(str(directory), tag="state", load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not read its checkpoint in {directory}")
+
+
+def load_tensors_only(path: str, map_location=None):
+    """torch.load restricted to tensors, plain containers and the records DeepSpeed's optimiser state holds as
+    plain data (the ZeRO stage, the loss scale, a fragment's offsets), rebuilt from their saved fields:
+    nothing else named in a file can be loaded, so nothing in it can run."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Gathered parameters
 
 
@@ -230,14 +263,3 @@ def full_model(acc: Accelerator, model) -> Iterator[torch.nn.Module]:
         yield copy
     finally:
         del copy, state
-
-
-def deepspeed_checkpoint_records() -> list:
-    """Classes DeepSpeed's optimiser state holds as plain data (the ZeRO stage, the loss scale, a fragment's
-    offsets), the only ones a checkpoint reader may rebuild from their saved fields (`trainers/checkpoint.py`
-    loads DeepSpeed's files with `weights_only=True` and these allowed); nothing else named in a file loads."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

@@ -24,7 +24,8 @@ KILLS = 12
 MAX_STEPS = 2 * KILLS  # each kill lands at most two steps past the last checkpoint, so the run cannot end first
 TINY = ["model.preset=llama-1m", "model.vocab_size=384", "data.train=synthetic:200", "data.block_size=32",
         "train.batch_size=2", "train.lr=3e-3", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=5",
-        "train.eval_batches=1", "train.save_every=1", f"train.max_steps={MAX_STEPS}"]
+        "train.eval_batches=1", "train.save_every=1", f"train.max_steps={MAX_STEPS}",
+        "train.peak_tflops=1"]  # a stated peak: each restart would measure it again
 SITES = ("after-step", "moment", "mid-file", "before-manifest", "after-manifest", "before-prune")
 
 

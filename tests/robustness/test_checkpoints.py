@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from llmstack.config import ConfigError, PretrainConfig, load_config
 from llmstack.tracking.metrics import MetricsLog
-from llmstack.trainers import checkpoint
+from llmstack.trainers import checkpoint, distributed
 from llmstack.trainers.checkpoint import MANIFEST, Checkpointer, checkpoint_problem, file_sha256
 from llmstack.trainers.pretrain import pretrain
 
@@ -114,12 +114,12 @@ def test_the_reader_given_to_deepspeed_builds_tensors_and_its_records_only(tmp_p
     archive = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"module": {"w": torch.ones(2)}, "hook": _Touch(marker)}, archive)
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
-        checkpoint._load_tensors_only(str(archive))
+        distributed.load_tensors_only(str(archive))
     assert not marker.exists()
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
     torch.save({"loss_scaler": LossScaler(1.0), "fp32": [torch.arange(3.0)]}, archive)
-    loaded = checkpoint._load_tensors_only(str(archive))
+    loaded = distributed.load_tensors_only(str(archive))
     assert isinstance(loaded["loss_scaler"], LossScaler) and torch.equal(loaded["fp32"][0], torch.arange(3.0))
 
 
@@ -245,3 +245,17 @@ def test_a_setting_that_cannot_change_on_resume_is_refused_and_nothing_changes(t
                                           r"another output_dir"):
         pretrain(config(out, change, "train.lr=1e-3"))
     assert snapshot(out) == before
+
+
+def test_tied_and_sliced_weights_are_stored_once_or_apart_and_read_back_exactly(tmp_path):
+    """safetensors refuses tensors that share memory: a tied weight is stored once and named again on
+    reading; a slice of another stored tensor's memory is stored as its own copy."""
+    fused = torch.arange(12.0).reshape(4, 3)
+    embed = torch.randn(5, 3)
+    state = {"embed.weight": embed, "head.weight": embed, "fused.weight": fused, "q.weight": fused[:2],
+             "k.weight": fused[2:]}
+    unique, aliases = checkpoint._unique(state)
+    assert aliases == {"head.weight": "embed.weight"}
+    checkpoint.save_file(unique, tmp_path / "m.safetensors", metadata={"aliases": json.dumps(aliases)})
+    read = checkpoint._with_aliases(tmp_path / "m.safetensors")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
