@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from llmstack.data.sources import DataError
 from llmstack.data.text import is_held_out, packed_blocks
 
 
@@ -25,7 +26,7 @@ class ShuffledBatches:
     def __init__(self, blocks, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         global_batch = batch_size * world_size
         if len(blocks) < global_batch:
-            raise ValueError(f"{len(blocks)} training blocks cannot fill one global micro-batch of {global_batch} "
+            raise DataError(f"{len(blocks)} training blocks cannot fill one global micro-batch of {global_batch} "
                              f"({batch_size} per process x {world_size} processes); lower train.batch_size, "
                              "data.block_size or add data")
         self.blocks, self.batch_size, self.rank, self.world_size, self.seed = \
@@ -93,7 +94,7 @@ class StreamingBatches:
                 yield {"input_ids": torch.tensor([ids for ids, _ in mine], dtype=torch.long),
                        "labels": torch.tensor([labels for _, labels in mine], dtype=torch.long)}
             if produced == 0:
-                raise ValueError(f"{self.spec}: the stream gave no complete global micro-batch of "
+                raise DataError(f"{self.spec}: the stream gave no complete global micro-batch of "
                                  f"{self.batch_size * self.world_size} blocks")
             self.epoch, self.position = self.epoch + 1, 0
 

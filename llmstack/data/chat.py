@@ -232,7 +232,7 @@ def build_rows(examples: list[tuple[list[int], list[int]]], max_length: int, pad
         else:
             rows.append([example])
     if not rows:
-        raise ValueError(f"no example fits data.max_length={max_length} ({dropped} dropped); raise it or "
+        raise DataError(f"no example fits data.max_length={max_length} ({dropped} dropped); raise it or "
                          "set data.overlong=truncate")
     tensors = [_row(row, max_length, pad_id) for row in rows]
     stacked = [torch.tensor([t[k] for t in tensors], dtype=torch.long) for k in range(4)]

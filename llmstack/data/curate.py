@@ -195,6 +195,9 @@ def _previous_record(out: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunDirError(f"{path} is not a readable run record ({err}); move it away, or choose another "
                           "output_dir") from err
+    if not isinstance(record, dict):
+        raise RunDirError(f"{path} is not a run record (a JSON {type(record).__name__}); move it away, or choose "
+                          "another output_dir")
     if record.get("stage") not in (None, "curate"):
         raise RunDirError(f"output_dir {out} holds a {record.get('stage')} run; a curate run needs an output_dir "
                           "of its own")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 
+from llmstack.data.sources import DataError
 from llmstack.data.synthetic import CREATURES, corpus
 
 BOILERPLATE = ("Click here to subscribe", "Javascript must be enabled to view this page.",
@@ -83,7 +84,7 @@ def noisy_corpus(n_documents: int, seed: int = 0) -> tuple[list[str], dict]:
     (a dict index -> original for duplicates, -> lines for boilerplate, -> kind counts for pii, -> word for
     blocklisted), plus "clean": documents left as the corpus made them."""
     if n_documents < 40:
-        raise ValueError(f"noisy_corpus needs at least 40 documents to plant every kind of noise, got {n_documents}")
+        raise DataError(f"noisy_corpus needs at least 40 documents to plant every kind of noise, got {n_documents}")
     rng = random.Random(seed)
     per_kind = max(1, n_documents // 50)
     n_clean = n_documents - 3 * per_kind  # duplicates and foreign documents are added; the rest change in place

@@ -34,7 +34,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llmstack.data.sources import iter_document_parts
+from llmstack.data.sources import DataError, iter_document_parts
 from llmstack.losses import IGNORE_INDEX
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -252,7 +252,7 @@ def pack_corpus(spec: str, tokenizer, block_size: int, eval_fraction: float, see
     held = torch.tensor([is_held_out(i, eval_fraction, seed) for i in range(len(blocks))], dtype=torch.bool)
     train, held_out = _select(blocks, ~held, n_tokens), _select(blocks, held, n_tokens)
     if not len(train) or (eval_fraction > 0 and not len(held_out)):
-        raise ValueError(f"{spec}: {n_tokens} tokens make {len(train)} training and {len(held_out)} held-out "
+        raise DataError(f"{spec}: {n_tokens} tokens make {len(train)} training and {len(held_out)} held-out "
                          f"blocks of {block_size}; use a smaller data.block_size, more data, or a larger "
                          "data.eval_fraction (or a separate data.eval)")
     return train, held_out
@@ -262,5 +262,5 @@ def load_blocks(spec: str, tokenizer, block_size: int, text_field: str = "text")
     """All of `spec` as blocks, for a separate held-out set (`data.eval`)."""
     blocks, n_tokens = _packed_tensor(spec, tokenizer, block_size, text_field)
     if not len(blocks):
-        raise ValueError(f"{spec}: no text found for held-out data")
+        raise DataError(f"{spec}: no text found for held-out data")
     return _select(blocks, torch.ones(len(blocks), dtype=torch.bool), n_tokens)

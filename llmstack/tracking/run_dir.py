@@ -41,7 +41,15 @@ def _is_main_process() -> bool:
 
 
 def is_llmstack_dir(directory: Path) -> bool:
-    return (directory / LOCK_FILE).is_file() or (directory / RECORD_FILE).is_file()
+    """Whether an llmstack run has claimed `directory` (its lock file) or left its record there (a run directory
+    from before lock files: a JSON object naming its stage; another tool's record.json does not count)."""
+    if (directory / LOCK_FILE).is_file():
+        return True
+    try:
+        record = json.loads((directory / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "stage" in record
 
 
 def _foreign_entries(directory: Path) -> list[str]:

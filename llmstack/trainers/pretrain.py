@@ -77,7 +77,7 @@ def _first_eval_blocks(cfg: PretrainConfig, tokenizer, limit: int) -> text.Packe
             if len(ids) >= limit:
                 break
     if not ids:
-        raise ValueError(f"data.train={d.train!r} gave no held-out block with data.eval_fraction="
+        raise sources.DataError(f"data.train={d.train!r} gave no held-out block with data.eval_fraction="
                          f"{d.eval_fraction}; raise it or set data.eval")
     return text.PackedBlocks(torch.tensor(ids), torch.tensor(labels))
 

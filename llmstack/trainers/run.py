@@ -109,6 +109,9 @@ def finished_record(run_dir: Path, stage: str | None = None) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunDirError(f"{path} is not a readable run record ({err}); it was not written by this version of "
                           "llmstack or was damaged: move it away, or choose another output_dir") from err
+    if not isinstance(record, dict):
+        raise RunDirError(f"{path} is not a run record (a JSON {type(record).__name__}); move it away, or choose "
+                          "another output_dir")
     if stage is not None and record.get("stage") not in (None, stage):
         raise RunDirError(f"output_dir {run_dir} holds a {record.get('stage')} run; a {stage} run needs an "
                           "output_dir of its own")

@@ -141,8 +141,14 @@ RUN_DIR = [
          "output_dir /sys/llmstack-run cannot be written"),
     Case("output-dir-other-stage", "sft", run_args(), 2, "output_dir run holds a pretrain run",
          {"run/record.json": json.dumps({"stage": "pretrain", "status": "finished"}), "run/model/config.json": "{}"}),
-    Case("output-dir-record-damaged", "reward", run_args(), 2, "record.json is not a readable run record",
+    Case("output-dir-record-damaged", "reward", run_args(), 2, "holds no llmstack run (it has record.json)",
          {"run/record.json": '{"stage": "rew'}),
+    Case("output-dir-record-damaged-overwrite", "reward", run_args("overwrite_output_dir=true"), 2,
+         "record.json is not a readable run record", {"run/record.json": '{"stage": "rew'}),
+    Case("output-dir-other-tools-record", "sft", run_args(), 2, "holds no llmstack run (it has record.json)",
+         {"run/record.json": json.dumps({"experiment": "mine", "status": "finished"})}),
+    Case("output-dir-record-not-object", "dpo", run_args("overwrite_output_dir=true"), 2,
+         "record.json is not a run record (a JSON list)", {"run/record.json": "[1, 2]"}),
     Case("curate-other-stage", "curate", ["output_dir=run"], 2, "output_dir run holds a sft run",
          {"run/record.json": json.dumps({"stage": "sft", "status": "running"})}),
     Case("curate-input-inside-output", "curate", ["output_dir=run", "data.train=run/data"], 2,
@@ -185,6 +191,7 @@ SFT_DATA = [
     ("corrupt-parquet", "c.parquet", b"PAR1 this is not parquet", "not a readable .parquet file"),
     ("unsupported-suffix", "c.csv", "text\nhi\n", "unsupported file type"),
     ("directory-without-data", "d/readme.md", "nothing\n", "holds no .txt, .jsonl"),
+    ("all-overlong", "c.jsonl", jsonl({"text": "word " * 100}) + "", "no example fits data.max_length=16"),
 ]
 
 PREFERENCE_DATA = [  # (id, stage, format, file, content, message)
@@ -245,11 +252,14 @@ PRETRAIN_DATA = [
     ("no-text-field", "d.jsonl", jsonl({"body": "x"}), "missing field 'text' (the record has: body)"),
     ("text-list", "d.jsonl", jsonl({"text": ["x"]}), "field 'text' must be a string"),
     ("txt-not-utf8", "d.txt", b"caf\xe9 au lait\n", "not UTF-8 text"),
+    ("too-little-text", "d.jsonl", jsonl({"text": "hi"}), "training and 0 held-out blocks of 256"),
+    ("empty-file", "d.jsonl", "", "0 tokens make 0 training"),
 ]
 
 
 def _data_cases() -> list[Case]:
-    cases = [Case(f"sft-{name}", "sft", run_args(f"data.train={path.split('/')[0]}"), 2, msg, {path: content})
+    cases = [Case(f"sft-{name}", "sft", run_args(f"data.train={path.split('/')[0]}", "data.max_length=16",
+                                                 "data.overlong=drop"), 2, msg, {path: content})
              for name, path, content, msg in SFT_DATA]
     cases += [Case(f"{stage}-{name}", stage, run_args(f"data.train={path.split('/')[0]}", f"data.format={fmt}"),
                    2, msg, {path: content}) for name, stage, fmt, path, content, msg in PREFERENCE_DATA]
