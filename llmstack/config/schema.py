@@ -232,7 +232,7 @@ class ModelRef:
 class RolloutConfig:
     """How an RL step samples its responses; shared by the RL algorithms."""
 
-    engine: Literal["auto", "hf", "static"] = option(
+    engine: Literal["auto", "hf", "static", "vllm"] = option(
         "auto", "Generation engine (llmstack.models.engines): 'hf' is Hugging Face generate (the reference); "
         "'static' a static KV cache and a plain decoding loop, the same tokens as 'hf', faster (compiled with "
         "CUDA graphs on CUDA); both read the policy's weights directly. 'auto' is 'static' where the model's "

@@ -140,3 +140,25 @@ def test_the_compiled_decoding_step_gives_the_same_tokens():
     for lengths in ([4, 9, 2], [12, 3, 7]):
         ids, mask = left_padded(lengths)
         assert torch.equal(engine.generate(ids, mask), reference(model, ids, mask, 10))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run by scripts/gpu-check-vllm.sh")
+
+
+@CUDA
+def test_cuda_compiled_engine_gives_the_tokens_of_generate_and_of_the_hf_engine():
+    """On CUDA the decoding step is compiled with CUDA graphs by default; new prompt lengths within one cache
+    block reuse the graphs, and a reused cache is emptied between rollouts."""
+    model = tiny_model().cuda()
+    greedy = StaticEngine(SamplingSettings(12, 1.0), EOS, PAD, greedy=True)
+    greedy.load_weights(model)
+    for lengths in ([4, 9, 2], [12, 3, 7], [5, 5, 5]):
+        ids, mask = (t.cuda() for t in left_padded(lengths))
+        assert torch.equal(greedy.generate(ids, mask), reference(model, ids, mask, 12))
+    settings = SamplingSettings(12, 0.7, 0.9)
+    hf, fast = HFEngine(settings, EOS, PAD), StaticEngine(settings, EOS, PAD)
+    hf.load_weights(model)
+    fast.load_weights(model)
+    ids, mask = (t.cuda() for t in left_padded([2, 11, 6, 9]))
+    seeds = row_seeds(3, 5, torch.arange(4)).cuda()
+    assert torch.equal(fast.generate(ids, mask, seeds), hf.generate(ids, mask, seeds))

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 # name -> "module:class"
 ENGINES = {"auto": "llmstack.models.engines:AutoEngine", "hf": "llmstack.models.engines.hf:HFEngine",
-           "static": "llmstack.models.engines.static:StaticEngine"}
+           "static": "llmstack.models.engines.static:StaticEngine",
+           "vllm": "llmstack.models.engines.vllm:VLLMEngine"}
 
 
 def build_engine(name: str, sampling: SamplingSettings, eos_token_id: int, pad_token_id: int) -> RolloutEngine:
