@@ -258,8 +258,12 @@ class ModelRef:
 class RolloutConfig:
     """How an RL step samples its responses; shared by the RL algorithms."""
 
-    engine: Literal["hf"] = option("hf", "Generation engine (llmstack.models.engines): 'hf' is Hugging Face "
-                                   "generate with its KV cache, reading the policy's weights directly.")
+    engine: Literal["auto", "hf", "static", "vllm"] = option(
+        "auto", "Generation engine (llmstack.models.engines): 'hf' is Hugging Face generate (the reference); "
+        "'static' a static KV cache and a plain decoding loop, the same tokens as 'hf', faster (compiled with "
+        "CUDA graphs on CUDA); both read the policy's weights directly. 'auto' is 'static' where the model's "
+        "architecture supports a static cache, else 'hf'. 'vllm' (CUDA, extra llmstack[vllm]) runs vLLM beside "
+        "training with the weights pushed in before each rollout.")
     batch_size: int = option(16, "Prompts per process per RL step (one rollout).", ge=1, le=BATCH_MAX)
     max_new_tokens: int = option(32, "Longest response.", ge=1, le=TOKENS_MAX)
     temperature: float = option(1.0, "Sampling temperature, also used when log-probabilities are recomputed.",

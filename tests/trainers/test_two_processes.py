@@ -186,13 +186,19 @@ PPO = ["data.train=synthetic:32", "train.max_steps=3", "train.lr=1e-3", "rollout
        "ppo.kl_target=null", "train.save_every=3"]
 
 
+# the static-cache engine under every layout, and the reference engine once
+PPO_CASES = [*[pytest.param(p.values[0], "static", id=f"{p.id}-static", marks=p.marks)
+               for p in layouts("ddp", "zero2", "zero3", "fsdp")], pytest.param("ddp", "hf", id="ddp-hf")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", layouts("ddp", "zero2", "zero3", "fsdp"))
-def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained, layout):
-    """Each process samples half of the rollout (seeded per prompt, so the same responses as one process)
-    and takes each epoch as one minibatch, so the global batch of every update is the 1-process one. Under
-    ZeRO-3 an interrupted run also resumes to exactly the uninterrupted one."""
-    models = [f"model.name_or_path={pretrained / 'pre' / 'model'}", f"reward_model.name_or_path={pretrained / 'rm'}"]
+@pytest.mark.parametrize("layout, engine", PPO_CASES)
+def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained, layout, engine):
+    """Each process samples half of the rollout (seeded per prompt, so the same responses as one process,
+    with either engine) and takes each epoch as one minibatch, so the global batch of every update is the
+    1-process one. Under ZeRO-3 an interrupted run also resumes to exactly the uninterrupted one."""
+    models = [f"model.name_or_path={pretrained / 'pre' / 'model'}", f"reward_model.name_or_path={pretrained / 'rm'}",
+              f"rollout.engine={engine}"]
     launch_two("ppo", tmp_path / "two", *models, *PPO, "rollout.batch_size=4", "train.batch_size=4", layout=layout)
     config_cls, target = STAGES["ppo"]
     module, func = target.split(":")
