@@ -96,19 +96,20 @@ def measure(model, batches, new_tokens, lengths, repeats: int, compile: bool) ->
             runs = contenders(model, n, compile)
             if compile:  # the compile itself is not generation: pay it before the clock starts
                 runs["static+compile"](ids[:, -4:], mask[:, -4:].clone().fill_(1), seeds)
-            seconds, outputs = {name: [] for name in runs}, {}
+            seconds, outputs, loads = {name: [] for name in runs}, {}, {}
             for _ in range(repeats):
                 for name, run in runs.items():
                     start = time.perf_counter()
                     outputs[name] = run(ids, mask, seeds)
                     seconds[name].append(time.perf_counter() - start)
+                    loads[name] = os.getloadavg()[0]
                     assert outputs[name].shape == (batch, n), (name, outputs[name].shape)
             for name in runs:
                 same = int((outputs[name] == outputs["hf"]).all(1).sum())
                 rows.append({"batch": batch, "new_tokens": n, "prompt_tokens": int(mask.sum()),
                              "padded_prompt": ids.shape[1], "contender": name,
                              "seconds": statistics.median(seconds[name]), "same_as_hf": same,
-                             "load": os.getloadavg()[0]})
+                             "load": loads[name]})
     return rows
 
 

@@ -16,8 +16,9 @@ same step count, so a row's answer depends on its seed alone, on 1 or N processe
 It reads the policy's weights directly (`load_weights` keeps a reference, no copy), so a LoRA policy
 (peft) samples with its adapters, and a sharded one is gathered once per rollout by the caller. On CUDA the
 one-token step is compiled (`torch.compile` "reduce-overhead": CUDA graphs) and the cache length rounded up
-to a multiple of `CUDA_CACHE_BLOCK` so that a new prompt length rarely means a new graph; on CPU it runs
-eager, which measured as fast there (benchmarks/results/generation.md), with no compile to wait for.
+to a multiple of `CUDA_CACHE_BLOCK` so that a new prompt length rarely means a new graph. On CPU it runs
+eager: there a step is ~70-75% fp32 matrix products that compiling does not change
+(benchmarks/results/generation.md has the profile), and compiling costs a 2-core machine minutes.
 """
 
 from __future__ import annotations
