@@ -261,8 +261,8 @@ class RolloutConfig:
     engine: Literal["auto", "hf", "static", "vllm"] = option(
         "auto", "Generation engine (llmstack.models.engines): 'hf' is Hugging Face generate (the reference); "
         "'static' a static KV cache and a plain decoding loop, the same tokens as 'hf', faster (compiled with "
-        "CUDA graphs on CUDA); both read the policy's weights directly. 'auto' is 'static' where the model's "
-        "architecture supports a static cache, else 'hf'. 'vllm' (CUDA, extra llmstack[vllm]) runs vLLM beside "
+        "CUDA graphs on CUDA); both read the policy's weights directly. 'auto' is 'static' on CUDA where the "
+        "model's architecture supports a static cache, else 'hf' (CPU included: no measured win there). 'vllm' (CUDA, extra llmstack[vllm]) runs vLLM beside "
         "training with the weights pushed in before each rollout.")
     batch_size: int = option(16, "Prompts per process per RL step (one rollout).", ge=1, le=BATCH_MAX)
     max_new_tokens: int = option(32, "Longest response.", ge=1, le=TOKENS_MAX)

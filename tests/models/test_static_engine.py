@@ -117,8 +117,14 @@ def test_seeded_sampling_gives_the_answers_of_the_hf_engine(temperature, top_p):
     assert not torch.equal(fast.generate(ids, mask, seeds + 1), expected)
 
 
-def test_auto_picks_static_where_the_architecture_supports_a_static_cache_and_hf_elsewhere():
+def test_auto_picks_static_on_cuda_where_the_architecture_supports_a_static_cache_and_hf_elsewhere(monkeypatch):
+    import llmstack.models.engines as engines
+
     model = tiny_model()
+    on_cpu = build_engine("auto", SamplingSettings(4, 1.0), EOS, PAD)
+    on_cpu.load_weights(model)
+    assert on_cpu.chosen == ("static" if torch.cuda.is_available() else "hf")
+    monkeypatch.setattr(engines, "on_cuda", lambda model: True)
     auto = build_engine("auto", SamplingSettings(4, 1.0), EOS, PAD)
     auto.load_weights(model)
     assert isinstance(auto, AutoEngine) and auto.chosen == "static"

@@ -5,10 +5,12 @@
   as `hf` (greedy and seeded), faster.
 - `vllm`: vLLM colocated with training, the policy's weights pushed into it before each rollout (CUDA only,
   optional extra `llmstack[vllm]`; `vllm.py` says where it has been verified).
-- `auto`: `static` for every model whose architecture transformers marks as running with a static cache
-  (`_can_compile_fullgraph`, the flag `generate` itself reads before compiling), `hf` for the rest. It
-  never picks `vllm`: that engine holds a second copy of the weights and its own memory, which a user
-  asks for by name.
+- `auto`: `static` for a model on CUDA whose architecture transformers marks as running with a static cache
+  (`_can_compile_fullgraph`, the flag `generate` itself reads before compiling), where its decoding step
+  compiles and replays as a CUDA graph; `hf` for the rest, CPU included: on CPU the products are nearly all
+  of a decoding step in either engine, and the static engine measured 0.37x-1.45x of `generate`
+  (benchmarks/results/generation.md), no reliable win. It never picks `vllm`: that engine holds a second
+  copy of the weights and its own memory, which a user asks for by name.
 
 Adding an engine is one new module here with a class taking `(SamplingSettings, eos_token_id, pad_token_id)`,
 its name in `ENGINES`, and the same name in the config's choices (`llmstack.config.schema.RolloutConfig`);
@@ -53,7 +55,7 @@ class AutoEngine:
         if self._engine is None:
             from llmstack.models.engines.static import supports_static_cache
 
-            self.chosen = "static" if supports_static_cache(model) else "hf"
+            self.chosen = "static" if on_cuda(model) and supports_static_cache(model) else "hf"
             log.info("rollout engine auto: %s (%s)", self.chosen, type(model).__name__)
             self._engine = build_engine(self.chosen, self.sampling, self.eos_token_id, self.pad_token_id)
         self._engine.load_weights(model)
@@ -63,3 +65,7 @@ class AutoEngine:
         if self._engine is None:
             raise RuntimeError("AutoEngine.generate before load_weights: give the engine the policy first")
         return self._engine.generate(prompt_ids_BP, prompt_mask_BP, seeds_B)
+
+
+def on_cuda(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
