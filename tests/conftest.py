@@ -24,3 +24,13 @@ def _llmstack_logs_reach_caplog():
     logger.propagate = True
     yield
     logger.propagate = propagate
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one state per process and refuses a later Accelerator with other settings; a test that
+    builds its own Accelerator starts from none, whichever test ran before it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield

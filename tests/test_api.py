@@ -118,7 +118,7 @@ def test_each_example_trains_stops_at_step_3_and_reloads_with_plain_transformers
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[0] == "stopped"
+    assert proc.stdout.splitlines()[-1].split()[0] == "stopped"  # the script's own line, printed last
     record = json.loads((tmp_path / f"runs/example-{name}/record.json").read_text())
     assert (record["status"], record["stop_reason"]) == ("stopped", "three steps are enough for an example")
     assert [row["step"] for row in map(json.loads, (tmp_path / f"runs/example-{name}/metrics.jsonl").read_text()

@@ -49,6 +49,14 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def skip_reason(command: str) -> str | None:
     if command.startswith("make "):
         return "CI runs `make run` and `make test` on a clean clone"
@@ -81,8 +89,8 @@ def test_every_readme_command_works_on_a_fresh_copy_in_order(tmp_path):
             continue
         args = shlex.split(command)
         stage = stage_of(command)
-        if args[0] == "accelerate":  # a fresh port per launch: launches follow each other quickly
-            args[2:2] = ["--main_process_port", str(29500 + len(ran))]
+        if args[0] == "accelerate":  # a free port per launch: launches follow each other quickly
+            args[2:2] = ["--main_process_port", str(free_port())]
         proc = subprocess.run(args + SMALL.get(stage, []), cwd=copy, env=env, capture_output=True, text=True,
                               timeout=900)
         assert proc.returncode == 0, f"`{command}` exited {proc.returncode}:\n{proc.stderr[-3000:]}"

@@ -81,6 +81,13 @@ def make_accelerator(precision: str, grad_accum: int, trackers: list[str], proje
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     # Without CUDA the default process-group backend is unusable; gloo runs multi-process CPU training.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+    if launched == 1:
+        # accelerate keeps one state per process and refuses another mixed precision for a later Accelerator;
+        # one Python process may run several stages (the pipeline, the Python API: SFT in fp32, then DPO in
+        # bf16), each with its own settings
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
                       log_with=trackers or None, project_dir=project_dir, kwargs_handlers=handlers)
     if on_cpu and distributed.flag("ACCELERATE_USE_FSDP") and acc.distributed_type == DistributedType.MULTI_CPU:
