@@ -38,7 +38,11 @@ DESCRIPTION = (
 ))
 
 NOTES = """Notes:
-- The first loss is ln 2 = 0.6931 for both (policy == reference before the first update).
+- The first loss is ln 2 = 0.6931 for both (policy == reference before the first update), and the last and
+  the held-out measures agree to about 1e-6: the same computation.
+- `whole run` is each process's training call from start to end: for llmstack it includes the held-out
+  evaluation before and after training (with answers sampled for the KL to the reference) and the reference
+  pass, which TRL's run does not do, so it measures more work than the step rates.
 - What differs is how much each step runs: TRL's default forwards the reference model on every batch and
   runs each prompt twice; llmstack runs the reference once over the data before training and each prompt once
   per pair. The reference pass is paid once per run and grows with the data, not the steps."""
@@ -58,7 +62,7 @@ def prepare(args, work: Path) -> dict:
 
     held_out = common.write_split(fitting, HELD_OUT_FRACTION, pair, work / "data")
     return {"data": str(work / "data"), "pairs": len(fitting), "held_out": held_out, "vocabulary": len(tokenizer),
-            "also": common.also(args.tokenizer_text)}
+            "also": common.also(args.tokenizer_text), "lr": LR}
 
 
 def _pairs(data: str, part: str) -> list:

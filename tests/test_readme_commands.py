@@ -22,8 +22,10 @@ BIN = Path(sys.executable).parent
 SMALL = {
     "pretrain": ["train.max_steps=4", "train.save_every=4", "train.eval_every=2", "train.eval_batches=1",
                  "data.train=synthetic:200"],
+    # enough conversations that each of 2 processes holds a held-out row (ZeRO-3 and FSDP need every process
+    # to run the same number of evaluation forwards)
     "sft": ["train.max_steps=4", "train.save_every=4", "train.eval_every=2", "train.eval_batches=1",
-            "data.train=synthetic:100", "sample_prompts=1"],
+            "data.train=synthetic:400", "sample_prompts=1"],
     "reward": ["train.max_steps=4", "train.save_every=4", "train.eval_every=2", "train.eval_batches=1",
                "data.train=synthetic:60"],
     "dpo": ["train.max_steps=4", "train.save_every=4", "train.eval_every=2", "train.eval_batches=1",
