@@ -33,6 +33,11 @@ DESCRIPTION = (
 )
 
 NOTES = """Notes:
+- llmstack is slower here, and the table says so. Per step it runs one more forward pass than TRL: with one
+  epoch over each rollout TRL takes the policy's own log-probabilities of the update pass as the "old" ones,
+  while llmstack recomputes them in a separate scoring pass (as it must for more than one epoch). Its rows
+  are sampled each from its own seeded generator, so that a run is the same on any number of processes; TRL samples the batch from one. These are
+  the expected causes; a profile of both (not yet taken) is what would say how the time splits.
 - Sampling differs between the two (each seeds its own generator), so the answers, and with a fresh model
   nearly all of them run to the full length, are the same amount of work but not the same tokens; the
   generated tokens per step are in the table.
@@ -74,8 +79,8 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
         f"train.save_every={steps}", "train.precision=fp32", "train.keep_last=1", "ppo.epochs=1",
         "ppo.estimator=grpo", "ppo.kl_in=loss", "ppo.kl_estimator=k3", f"ppo.kl_coef={BETA}", "ppo.kl_target=null",
         "ppo.loss_aggregation=sequence_mean", "ppo.scale_by_std=true", "samples_per_step=0",
-        "kernels=reference"])
-    ppo(cfg, reward_funcs={"digit_share": digit_share})
+        "kernels=reference", "reward_funcs=[benchmarks.grpo_contenders:digit_share]"])
+    ppo(cfg)
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["time_generate"] + r["time_score"] + r["time_update"] for r in rows]
     tokens = [round(r["tokens_per_s"] * s) for r, s in zip(rows, seconds)]
