@@ -45,7 +45,7 @@ from llmstack.data.curation import Audit, Pipeline, evaluate
 from llmstack.data.curation.report import render
 from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.record import RunRecord, file_sha256, write_json_atomic
-from llmstack.tracking.run_dir import RunDirError, owns_output_dir
+from llmstack.tracking.run_dir import RunDirError, owns_output_dir, read_run_record
 
 log = logging.getLogger("llmstack")
 NOISY = "synthetic-noisy"
@@ -187,21 +187,7 @@ class ShardWriter:
 
 
 def _previous_record(out: Path) -> dict:
-    path = out / "record.json"
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{path} is not a readable run record ({err}); move it away, or choose another "
-                          "output_dir") from err
-    if not isinstance(record, dict):
-        raise RunDirError(f"{path} is not a run record (a JSON {type(record).__name__}); move it away, or choose "
-                          "another output_dir")
-    if record.get("stage") not in (None, "curate"):
-        raise RunDirError(f"output_dir {out} holds a {record.get('stage')} run; a curate run needs an output_dir "
-                          "of its own")
-    return record
+    return read_run_record(out, "curate") or {}
 
 
 def _written_before(out: Path, record: dict) -> list[Path]:

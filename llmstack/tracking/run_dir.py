@@ -135,3 +135,23 @@ def owns_output_dir(stage):
             if lock is not None:
                 lock.release()
     return run
+
+
+def read_run_record(run_dir: Path, stage: str) -> dict | None:
+    """The llmstack record in `run_dir` (None when there is none), refused when it cannot be read, is not a
+    record, or belongs to another stage: a directory holds one run."""
+    path = Path(run_dir) / "record.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path} is not a readable run record ({err}); it was not written by this version of "
+                          "llmstack or was damaged: move it away, or choose another output_dir") from err
+    if not isinstance(record, dict):
+        raise RunDirError(f"{path} is not a run record (a JSON {type(record).__name__}); move it away, or choose "
+                          "another output_dir")
+    if record.get("stage") not in (None, stage):
+        raise RunDirError(f"output_dir {run_dir} holds a {record.get('stage')} run; a {stage} run needs an "
+                          "output_dir of its own")
+    return record

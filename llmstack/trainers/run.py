@@ -7,7 +7,6 @@ run directory looks the same:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
 from llmstack.tracking.card import write_model_card
 from llmstack.tracking.record import RunRecord
-from llmstack.tracking.run_dir import RunDirError
+from llmstack.tracking.run_dir import read_run_record
 
 
 # statuses of a run that ended with a model/: trained to train.max_steps, or stopped early by a callback
@@ -98,24 +97,11 @@ def precision_facts(run: Run, **models) -> dict:
     return facts
 
 
-def finished_record(run_dir: Path, stage: str | None = None) -> dict | None:
+def finished_record(run_dir: Path, stage: str) -> dict | None:
     """The record of the completed run in `run_dir`, or None. A record of another stage is refused: a
     directory holds one run, and a finished SFT run is no reward model."""
-    path = run_dir / "record.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{path} is not a readable run record ({err}); it was not written by this version of "
-                          "llmstack or was damaged: move it away, or choose another output_dir") from err
-    if not isinstance(record, dict):
-        raise RunDirError(f"{path} is not a run record (a JSON {type(record).__name__}); move it away, or choose "
-                          "another output_dir")
-    if stage is not None and record.get("stage") not in (None, stage):
-        raise RunDirError(f"output_dir {run_dir} holds a {record.get('stage')} run; a {stage} run needs an "
-                          "output_dir of its own")
-    if not (run_dir / "model").is_dir():
+    record = read_run_record(run_dir, stage)
+    if record is None or not (run_dir / "model").is_dir():
         return None
     return record if record.get("status") in COMPLETED else None
 
