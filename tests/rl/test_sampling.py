@@ -46,7 +46,9 @@ def test_top_p_removes_the_tail_and_renormalises_the_nucleus():
     seen = frequencies(probs.log(), 40_000, [TopPLogitsWarper(0.8)])
     nucleus = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0], dtype=torch.float64) / 0.9
     assert seen[3:].sum() == 0
-    assert torch.allclose(seen, nucleus, atol=0.012), seen
+    # five binomial standard deviations at the widest (p = 1/2) for 40,000 draws: a seeded draw, and a tail
+    # that was not renormalised away would be 0.056 off
+    assert torch.allclose(seen, nucleus, atol=5 * (0.25 / 40_000) ** 0.5), seen
 
 
 def test_draws_depend_on_seed_and_step_only():
