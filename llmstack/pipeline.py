@@ -1,6 +1,7 @@
 """`llmstack pipeline`: curate -> pretrain -> SFT -> reward model -> alignment routes in one directory, then
 REPORT.md. The routes after SFT (`routes`): PPO on the reward model, the same without the KL penalty, GRPO on
-the reward model, GRPO on the gold rubric itself, and DPO on the annotators' rankings.
+the reward model, GRPO on the gold rubric itself, and DPO on the annotators' rankings. With `start: sft` the
+path begins at SFT from a pretrained checkpoint (configs/examples/smollm2/pipeline.yaml).
 
 Each stage runs in `output_dir/<stage>/` and starts from the previous stage's `model/` (pretraining: the
 curation run's `data/`) wherever its config says 'previous'. A finished stage is skipped on a re-run and an
@@ -29,6 +30,7 @@ from llmstack.trainers.sft import sft
 from llmstack.tracking.run_dir import owns_output_dir
 
 STAGES = (("curate", curate), ("pretrain", pretrain), ("sft", sft), ("reward", reward))
+STAGES_BEFORE_SFT = ("curate", "pretrain")  # not run when the path starts from a pretrained checkpoint
 # whose model/ a stage's 'previous' means: the reward model and every route's policy start from SFT
 PARENT = {"sft": "pretrain", "reward": "sft", **{route: "sft" for route in ROUTES}}
 
@@ -70,7 +72,8 @@ def pipeline(cfg: PipelineConfig):
     """Run every stage that has not finished yet, then write REPORT.md; returns the last stage's result
     (None when every stage had already finished), or the interrupted stage's result."""
     root = Path(cfg.output_dir)
-    runs = [(name, run_stage, getattr(cfg, name)) for name, run_stage in STAGES]
+    skipped = STAGES_BEFORE_SFT if cfg.start == "sft" else ()
+    runs = [(name, run_stage, getattr(cfg, name)) for name, run_stage in STAGES if name not in skipped]
     runs += [(route, *route_config(cfg, route)) for route in cfg.routes]
     result = None
     for name, run_stage, stage_cfg in runs:

@@ -403,6 +403,10 @@ class PipelineConfig:
     output_dir: str = option("runs/pipeline", "Pipeline directory; each stage runs in a folder inside it.")
     overwrite_output_dir: bool = overwrite_option()
     seed: int = option(0, "Seed given to every stage.", ge=0, le=SEED_MAX)
+    start: Literal["curate", "sft"] = option(
+        "curate", "Where the path begins: 'curate' (raw text, then a model pretrained from scratch) or 'sft' (a "
+        "pretrained checkpoint named by sft.model.name_or_path, e.g. a Hub model; curation and pretraining are "
+        "skipped and the report's 'before' is that checkpoint).")
     curate: CurateConfig = option(default_factory=CurateConfig)
     pretrain: PretrainConfig = option(default_factory=lambda: PretrainConfig(data=DataConfig(train=PREVIOUS)))
     sft: SFTConfig = option(default_factory=_from_previous(SFTConfig))
@@ -421,3 +425,7 @@ class PipelineConfig:
     def validate(self, prefix: str) -> None:
         if len(set(self.routes)) != len(self.routes):
             raise ConfigError(f"config key 'routes': {self.routes} names a route twice")
+        if self.start == "sft" and self.sft.model.name_or_path in (PREVIOUS, None):
+            raise ConfigError("config key 'start': with start=sft no stage runs before SFT; set "
+                              "sft.model.name_or_path to the pretrained checkpoint to fine-tune (a Hub name or a "
+                              "local directory)")

@@ -33,11 +33,12 @@ def gold_reward(prompts: list, completions: list[str], **columns) -> list[float]
 
 
 @torch.no_grad()
-def answer_accuracy(model_dir: Path, questions: list[list[dict]], max_new_tokens: int = 24) -> float:
+def answer_accuracy(model_dir: Path | str, questions: list[list[dict]], max_new_tokens: int = 24,
+                    gguf_file: str | None = None) -> float:
     """Share of greedy answers that restate the asked numbers with their right result, in any style."""
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir), gguf_file)
     ensure_chat_template(tokenizer)
-    model = load_causal_lm(str(model_dir)).eval()
+    model = load_causal_lm(str(model_dir), gguf_file).eval()
     right = 0
     for conversation in questions:
         verdict = synthetic.judge(conversation[-1]["content"],

@@ -60,12 +60,12 @@ def _figures(root: Path, cfg, readings: dict[str, PolicyReading]) -> list[str]:
     over its steps) and routes.png (each route's policy: gold reward against KL, from the readings)."""
     if importlib.util.find_spec("matplotlib") is None:
         return ["(figures skipped: matplotlib is not installed; `pip install matplotlib` and re-run to draw them)"]
-    rows = {name: read_metrics(root / name / "metrics.jsonl") for name in ("pretrain", "sft", "reward")}
-    plot_panels(root / "training.png", [
-        ("held-out perplexity", {"pretrain": series(rows["pretrain"], "eval_ppl")}),
-        ("held-out answer loss", {"SFT": series(rows["sft"], "eval_loss")}),
-        ("held-out pairwise accuracy", {"reward": series(rows["reward"], "eval_accuracy")})],
-        "Pretraining, SFT and reward model on held-out data")
+    rows = {name: read_metrics(root / name / "metrics.jsonl") for name in _stages(cfg)}
+    panels = [("held-out answer loss", {"SFT": series(rows["sft"], "eval_loss")}),
+              ("held-out pairwise accuracy", {"reward": series(rows["reward"], "eval_accuracy")})]
+    if "pretrain" in rows:
+        panels.insert(0, ("held-out perplexity", {"pretrain": series(rows["pretrain"], "eval_ppl")}))
+    plot_panels(root / "training.png", panels, "Training stages on held-out data")
     runs = {route: read_metrics(root / route / "metrics.jsonl") for route in _routes(root, cfg) if route in RL_ROUTES}
     panels = [(label, {route: series(r, key, SMOOTH) for route, r in runs.items()})
               for label, key in (("reward (the route's own)", "reward"), ("gold reward", "gold_reward"),
@@ -101,37 +101,68 @@ def _route_lines(root: Path, cfg, readings: dict[str, PolicyReading]) -> list[st
     return lines
 
 
+def _cost_lines(root: Path, cfg) -> list[str]:
+    """Each training run's steps, wall time (evaluations and checkpoints included) and memory high-water mark:
+    tensors on the device on CUDA, the process's resident memory on CPU."""
+    lines = ["", "## Cost", "", "Wall time includes evaluations and checkpoints. Peak memory: the most tensor memory "
+             "on the device (CUDA), or the process's resident memory (CPU).", "",
+             "| run | steps | wall time | seconds per step | peak memory (MiB) |", "|---|---|---|---|---|"]
+    for name in (*_stages(cfg), *_routes(root, cfg)):
+        record = _record(root / name)
+        steps, wall = record["metrics"].get("steps"), record["wall_time_s"]
+        compute = record.get("compute", {})
+        peak = compute.get("peak_cuda_allocated_mib", compute.get("peak_rss_mib"))
+        per_step = f"{wall / steps:.2f}" if steps else "-"
+        lines.append(f"| {name} | {steps or '-'} | {wall:.0f} s | {per_step} | "
+                     f"{'-' if peak is None else f'{peak:,.0f}'} |")
+    return lines
+
+
+def _stages(cfg) -> tuple[str, ...]:
+    """The training stages before the routes that this pipeline ran."""
+    return ("sft", "reward") if cfg.start == "sft" else ("pretrain", "sft", "reward")
+
+
 def write_report(root: Path, cfg) -> str:
-    pre, sft, rm = (root / n for n in ("pretrain", "sft", "reward"))
-    pm, sm, rmm = _record(pre)["metrics"], _record(sft)["metrics"], _record(rm)["metrics"]
-    cm = _record(root / "curate")["data"]
+    sft, rm = root / "sft", root / "reward"
+    sm, rmm = _record(sft)["metrics"], _record(rm)["metrics"]
     questions = synthetic.rl_prompts(N_QUESTIONS, seed=cfg.seed + 104729)
-    acc_before, acc_after = answer_accuracy(pre / "model", questions), answer_accuracy(sft / "model", questions)
+    if cfg.start == "sft":  # the checkpoint SFT started from
+        acc_before = answer_accuracy(cfg.sft.model.name_or_path, questions, gguf_file=cfg.sft.model.gguf_file)
+    else:
+        acc_before = answer_accuracy(root / "pretrain" / "model", questions)
+    acc_after = answer_accuracy(sft / "model", questions)
     rm_gold, annotator_gold = gold_agreement(rm, N_QUESTIONS, cfg.seed)
     alpha = _record(rm)["annotators"]["krippendorff_alpha"]
     readings = _readings(root, cfg, questions)
     lines = ["# Pipeline report", "", "Each stage's folder holds its `record.json` and model card; "
              "`llmstack report <folder>` draws its lineage with the chain's time and energy.",
-             "", "| stage | measure | before → after |", "|---|---|---|",
-             f"| curate | documents (words) | {cm['documents_in']:,} ({cm['words_in']:,}) → {cm['documents_out']:,} "
-             f"({cm['words_out']:,}) |",
-             f"| pretrain | held-out perplexity | {pm['initial_eval_ppl']:.2f} → {pm['final_eval_ppl']:.2f} |",
-             f"| SFT | held-out answer loss | {sm['initial_eval_loss']:.3f} → {sm['final_eval_loss']:.3f} |",
+             "", "| stage | measure | before → after |", "|---|---|---|"]
+    if cfg.start == "curate":
+        cm, pm = _record(root / "curate")["data"], _record(root / "pretrain")["metrics"]
+        lines += [f"| curate | documents (words) | {cm['documents_in']:,} ({cm['words_in']:,}) → "
+                  f"{cm['documents_out']:,} ({cm['words_out']:,}) |",
+                  f"| pretrain | held-out perplexity | {pm['initial_eval_ppl']:.2f} → {pm['final_eval_ppl']:.2f} |"]
+    else:
+        lines += [f"| start | the pretrained checkpoint | {cfg.sft.model.name_or_path} |"]
+    lines += [f"| SFT | held-out answer loss | {sm['initial_eval_loss']:.3f} → {sm['final_eval_loss']:.3f} |",
              f"| SFT | right answers to {N_QUESTIONS} new questions (greedy) | {acc_before:.1%} → {acc_after:.1%} |",
              f"| reward | held-out pairwise accuracy vs the annotators | {rmm['initial_eval_accuracy']:.1%} → "
              f"{rmm['final_eval_accuracy']:.1%} |"]
     before = readings["sft"]
     lines += [f"| {ROUTE_LABELS[route]} | gold reward / KL to the SFT model | {before.gold:.3f} → {r.gold:.3f} / "
               f"{r.kl:.2f} |" for route, r in readings.items() if route != "sft"]
-    lines += ["", "## Curation", "",
-              "Documents removed, by the first rule (in order) that removed them: "
-              + ", ".join(f"{rule} {n}" for rule, n in cm["removed_by_rule"].items())
-              + ". Reasons and samples: [curate/CURATION.md](curate/CURATION.md).", "",
-              "## Reward model and the gold rubric", "",
+    if cfg.start == "curate":
+        lines += ["", "## Curation", "",
+                  "Documents removed, by the first rule (in order) that removed them: "
+                  + ", ".join(f"{rule} {n}" for rule, n in cm["removed_by_rule"].items())
+                  + ". Reasons and samples: [curate/CURATION.md](curate/CURATION.md)."]
+    lines += ["", "## Reward model and the gold rubric", "",
               f"On fresh built-in rankings, the reward model orders {rm_gold:.1%} of the gold-ordered answer pairs "
               f"as the rubric does; the simulated annotators it learned from order {annotator_gold:.1%} of them so "
               f"(their Krippendorff's alpha with each other: {alpha if alpha is None else round(alpha, 3)}).", ""]
     lines += _route_lines(root, cfg, readings)
+    lines += _cost_lines(root, cfg)
     lines += ["", "## Curves", ""] + _figures(root, cfg, readings)
     text = "\n".join(lines) + "\n"
     (root / "REPORT.md").write_text(text)

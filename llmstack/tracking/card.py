@@ -207,7 +207,11 @@ def _devices(record: dict) -> str:
     counted = {name: gpus.count(name) for name in dict.fromkeys(gpus)}
     accel = "; " + ", ".join(f"{n} x {name}" for name, n in counted.items()) if gpus else "; no GPU"
     device = compute.get("device")
-    return f"{compute.get('world_size', 1)} process(es)" + (f" on `{device}`" if device else "") + f"; {cpu}{accel}"
+    peaks = [f"{compute[key]:,.0f} MiB {what}" for key, what in (("peak_cuda_allocated_mib", "of device tensors"),
+                                                                ("peak_rss_mib", "resident (main process)"))
+             if key in compute]
+    return (f"{compute.get('world_size', 1)} process(es)" + (f" on `{device}`" if device else "") + f"; {cpu}{accel}"
+            + (f"; peak memory {', '.join(peaks)}" if peaks else ""))
 
 
 def _energy_text(energy: dict | None) -> str:

@@ -132,6 +132,38 @@ def _accelerators() -> list[str]:
     return []
 
 
+def reset_peak_memory() -> None:
+    """Start this process's memory high-water marks afresh, so that a stage run after another in the same
+    process (the pipeline) reports its own peak. Linux resets the resident peak through /proc/self/clear_refs;
+    where that cannot be written the peak stays the process's."""
+    import torch
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict:
+    """Memory high-water marks since `reset_peak_memory`, in MiB: this process's resident host memory (what a
+    CPU run costs) and, on CUDA, the most tensor memory allocated on its device."""
+    import resource
+
+    import torch
+
+    try:
+        status = Path("/proc/self/status").read_text()
+        rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = {"peak_rss_mib": round(rss_kib / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
 class RunRecord:
     """record.json of one run. Create it on the main process only; `save()` after each change, so even a
     crashed run leaves a record, and `finish(status)` at the end."""

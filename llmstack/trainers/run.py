@@ -24,7 +24,7 @@ from llmstack.trainers.callbacks import Callbacks, TrackerCallback
 from llmstack.tracking.energy import EnergyMeter
 from llmstack.tracking.metrics import MetricsLog, tracker_names
 from llmstack.tracking.card import write_model_card
-from llmstack.tracking.record import RunRecord
+from llmstack.tracking.record import RunRecord, peak_memory, reset_peak_memory
 from llmstack.tracking.run_dir import read_run_record
 
 
@@ -74,6 +74,7 @@ def open_run(cfg, stage: str, callbacks=()) -> Run:
     if trackers:
         acc.init_trackers(stage, config=_flat(to_dict(cfg)))
     set_seed(cfg.seed)
+    reset_peak_memory()
     record = RunRecord(out, stage, to_dict(cfg), inputs={}, parent=None) if acc.is_main_process else None
     # each process of the run computes on its own cores; those on this machine count towards its power
     here = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
@@ -133,7 +134,7 @@ def close_run(run: Run, model, tokenizer, status: str, summary: dict, merge_adap
             save_model(final, tokenizer, run.dir / "model", state_dict=state_dict)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        run.record.update(metrics=summary, **({"stop_reason": reason} if reason else {}))
+        run.record.update(metrics=summary, compute=peak_memory(), **({"stop_reason": reason} if reason else {}))
         run.record.add_energy(run.energy.stop())
         run.record.finish(status)
         if completed:

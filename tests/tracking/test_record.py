@@ -135,3 +135,20 @@ def test_energy_of_a_resumed_run_is_the_sum_of_its_sessions(tmp_path):
     second.finish("finished")
     energy = RunRecord.load(tmp_path)["energy"]
     assert energy["joules"] == 150.0 and energy["method"] == "estimated" and energy["sessions"] == 2
+
+
+def test_the_peak_memory_is_the_stages_own_after_a_reset():
+    """A stage run after another in one process (the pipeline) reports its own high-water mark, not the
+    earlier stage's."""
+    import numpy as np
+
+    from llmstack.tracking.record import peak_memory, reset_peak_memory
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("this system cannot reset a process's resident peak (/proc/self/clear_refs)")
+    big = np.ones(300 * 2**20 // 8)  # 300 MiB, every page touched
+    before = peak_memory()["peak_rss_mib"]
+    del big
+    reset_peak_memory()
+    after = peak_memory()["peak_rss_mib"]
+    assert before - after > 250, (before, after)

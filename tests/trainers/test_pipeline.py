@@ -80,3 +80,35 @@ def test_pipeline_links_every_stage_resumes_and_reports(tmp_path, monkeypatch):
     for figure in ("training.png", "rl.png", "routes.png"):
         assert f"]({figure})" in report
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_pipeline_can_start_from_a_pretrained_checkpoint(tmp_path, monkeypatch):
+    """start=sft: no curation or pretraining; the report's 'before' is the given checkpoint, and its cost table
+    has every run's steps and peak memory."""
+    from tests.trainers.helpers import tiny_chat_policy
+
+    monkeypatch.setattr(report_module, "N_QUESTIONS", 4)
+    monkeypatch.setattr(report_module, "SAMPLES", 2)
+    checkpoint, _ = tiny_chat_policy(tmp_path / "hub")
+    cfg = load_config(PipelineConfig, TINY, [f"output_dir={tmp_path / 'run'}", *MINIMAL, "start=sft",
+                                             f"sft.model.name_or_path={checkpoint}", "routes=[grpo-gold]"])
+    pipeline(cfg)
+    root = tmp_path / "run"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["grpo-gold", "reward", "sft"]
+    assert json.loads((root / "sft/record.json").read_text())["learning_rate"]["starts_from_outside_checkpoint"]
+    report = (root / "REPORT.md").read_text()
+    assert f"| start | the pretrained checkpoint | {checkpoint} |" in report
+    assert "perplexity" not in report and "## Curation" not in report
+    cost = report[report.index("## Cost"):].splitlines()
+    for run, steps in (("sft", 10), ("reward", 10), ("grpo-gold", 2)):
+        row = next(line for line in cost if line.startswith(f"| {run} |")).split("|")
+        assert int(row[2]) == steps
+        assert float(row[5].replace(",", "")) > 0  # a measured peak, not a placeholder
+
+
+def test_a_pipeline_starting_at_sft_needs_the_checkpoint(tmp_path):
+    from llmstack.config import ConfigError
+
+    with pytest.raises(ConfigError, match="start=sft.*sft.model.name_or_path"):
+        load_config(PipelineConfig, TINY, [f"output_dir={tmp_path}", "start=sft"])
