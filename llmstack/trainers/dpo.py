@@ -49,6 +49,7 @@ from llmstack.trainers.loop import LoopResult
 from llmstack.trainers.run import open_run
 from llmstack.trainers.stage import run_supervised_stage
 from llmstack.trainers.supervised import SupervisedObjective
+from llmstack.tracking.progress import Progress
 from llmstack.tracking.record import find_parent
 from llmstack.tracking.run_dir import owns_output_dir
 
@@ -126,15 +127,20 @@ def dpo_objective(cfg: DPOConfig, kernels: KernelPlan, fresh: bool = False) -> S
 
 
 @torch.no_grad()
-def reference_logprobs(acc, model, rows, batch_size: int, kernels: KernelPlan) -> torch.Tensor:
+def reference_logprobs(acc, model, rows, batch_size: int, kernels: KernelPlan, what: str = "rows") -> torch.Tensor:
     """[N, K] log-probabilities of every ranking's responses under `model` as it is now (eval mode, no
-    gradients), through the path training takes. Every process computes every row, so sharded layouts, whose
-    forward is collective, stay in step."""
+    gradients), through the path training takes, with progress and ETA (`what` names the rows in it). Every
+    process computes every row, so sharded layouts, whose forward is collective, stay in step."""
     was_training = model.training
     model.eval()
-    chunks = [response_logprobs(model, to_device(rows.rows(torch.arange(start, min(start + batch_size, len(rows)))),
-                                                 acc.device), kernels).float().cpu()
-              for start in range(0, len(rows), batch_size)]
+    starts = range(0, len(rows), batch_size)
+    progress = Progress(len(starts), 0, acc.is_main_process, f"dpo reference ({what})")
+    chunks = []
+    for done, start in enumerate(starts, 1):
+        batch = to_device(rows.rows(torch.arange(start, min(start + batch_size, len(rows)))), acc.device)
+        chunks.append(response_logprobs(model, batch, kernels).float().cpu())
+        progress.update(done)
+    progress.close()
     model.train(was_training)
     return torch.cat(chunks)
 
@@ -147,9 +153,10 @@ def _reference_for(run, cfg: DPOConfig, model, train_rows, held_rows, kernels) -
         return load_file(path)
     acc = run.accelerator
     with acc.autocast():
-        saved = {"train": reference_logprobs(acc, model, train_rows, cfg.train.batch_size, kernels)}
+        size = cfg.train.batch_size
+        saved = {"train": reference_logprobs(acc, model, train_rows, size, kernels, "training rows")}
         if held_rows is not None:
-            saved["held_out"] = reference_logprobs(acc, model, held_rows, cfg.train.batch_size, kernels)
+            saved["held_out"] = reference_logprobs(acc, model, held_rows, size, kernels, "held-out rows")
     if acc.is_main_process:
         save_file(saved, str(path))
     acc.wait_for_everyone()
