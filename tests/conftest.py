@@ -24,16 +24,21 @@ NO_CUDA = "no CUDA device here (torch.cuda.is_available() is False); on a GPU ma
 def device(request, monkeypatch):
     """For tests that run on every device: `cpu` always, `cuda` when torch sees a GPU (skipped, saying why,
     otherwise). A stage picks its device through accelerate, which takes CUDA whenever it exists, so the cpu
-    case tells accelerate to stay on CPU."""
+    case tells accelerate to stay on CPU; accelerate also keeps the device of its first state for the whole
+    process, so each case starts from none and leaves none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     if request.param == "cpu":
         monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
         yield "cpu"
-        return
-    # the fp32 rows of the tolerance tables assume true fp32 matmuls; TF32 (off by default) keeps 10 mantissa bits
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    else:
+        # the fp32 rows of the tolerance tables assume true fp32 matmuls; TF32 (off by default) keeps 10 bits
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield "cuda"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(autouse=True)
