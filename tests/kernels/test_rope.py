@@ -23,7 +23,7 @@ def _inputs(b, hq, hk, t, d, seed=0, device="cpu"):
     config = LlamaConfig(hidden_size=d * hq, num_attention_heads=hq, max_position_embeddings=128)
     positions = torch.stack([torch.randperm(t, generator=g) for _ in range(b)])
     cos, sin = LlamaRotaryEmbedding(config)(q, positions)
-    return tuple(t.to(device) for t in (q, k, cos, sin))
+    return tuple(x.to(device) for x in (q, k, cos, sin))
 
 
 def test_reference_is_the_hugging_face_function():
