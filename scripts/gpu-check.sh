@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The first run on a CUDA GPU, in one command (sized for under 8 minutes on one GPU): the kernel tests, every
+# The first run on a CUDA GPU, in one command (sized for under 8 minutes on one GPU): the kernel tests (their
+# cuda cases: the Triton kernels compiled, see tests/kernels/conftest.py) and the stage tests' cuda cases, every
 # stage of the tiny pipeline for a few steps in bf16 with sdpa attention and the Triton kernels compiled (the
 # kernels' default on CUDA), and the kernel benchmark at its quick size; then one table of what passed, and
 # the benchmark's. Without a CUDA device it says so and exits 0.
@@ -35,7 +36,12 @@ stage_settings=()
 for stage in pretrain sft reward ppo grpo dpo; do
   stage_settings+=("$stage.train.precision=bf16" "$stage.model.attn_implementation=sdpa")
 done
-check kernel-tests "$py" -m pytest -q tests/kernels
+check kernel-tests "$py" -m pytest -v -rs -p no:cacheprovider tests/kernels
+# a pass with every cuda case skipped (no triton, the interpreter forced on) would check nothing
+check kernel-tests-ran-on-cuda grep -Eq '\[(.*-)?cuda(-.*)?\] PASSED' "$out/kernel-tests.log"
+check stage-tests-on-cuda "$py" -m pytest -v -rs -p no:cacheprovider -k cuda \
+  "tests/trainers/test_sft.py::test_a_short_sft_run_with_the_kernels_follows_the_stock_one" \
+  "tests/trainers/test_grpo.py::test_grpo_trains_without_a_value_model"
 check stages-bf16-sdpa "$py" recipes/pipeline.py --config configs/tiny/pipeline.yaml "output_dir=$out/pipeline" \
   "routes=[ppo,grpo,dpo]" pretrain.train.max_steps=40 sft.train.max_steps=30 reward.train.max_steps=30 \
   ppo.train.max_steps=4 grpo.train.max_steps=4 dpo.train.max_steps=4 "${stage_settings[@]}"

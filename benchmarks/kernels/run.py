@@ -2,6 +2,9 @@
 
     python -m benchmarks.kernels [--quick] [--only ce,logprobs,elementwise,train] [--out FILE]
 
+`--quick` is the smoke size (one batch of 512 tokens, V up to 128k, one repeat; what scripts/gpu-check.sh
+runs); without it, the full grid. The exit status is non-zero when any case failed.
+
 Every case runs in a fresh process (`worker.py`), so each peak-memory number is that case's alone. Results
 go to `benchmarks/results/kernels.md` with the machine, the exact command and the tables.
 
@@ -34,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "kernels.md"
 VOCABS = (32768, 131072, 262144)
+KINDS = ("ce", "logprobs", "elementwise", "train")
 
 
 def _triton_on_device() -> bool:
@@ -64,8 +68,8 @@ def cases(quick: bool, only: set[str]) -> list[dict]:
     if "elementwise" in only and _triton_on_device():
         for op in ("rms_norm", "rope", "swiglu"):
             for path in ("reference", "triton"):
-                out.append(dict(kind="elementwise", op=op, path=path, B=4, T=4096, H=4096, dtype="bf16",
-                                repeats=5))
+                out.append(dict(kind="elementwise", op=op, path=path, B=4 if not quick else 1, T=4096, H=4096,
+                                dtype="bf16", repeats=5 if not quick else 2))
     if "train" in only:
         for fraction in (0.25, 0.0):
             for path in ("reference", "fused"):
@@ -226,9 +230,12 @@ def write(results: list[dict], command: str, out: Path, seconds: float) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid, one repeat (a smoke run)")
-    parser.add_argument("--only", default="ce,logprobs,elementwise,train", help="comma-separated case kinds")
+    parser.add_argument("--only", default=",".join(KINDS), help="comma-separated case kinds: " + ", ".join(KINDS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(KINDS)
+    if unknown:
+        parser.error(f"--only: unknown kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
     command = "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.time()
     results = []
@@ -239,6 +246,9 @@ def main(argv=None) -> None:
         print(f"{json.dumps(case)} -> {summary}", flush=True)
     write(results, command.strip(), args.out, time.time() - start)
     print(f"wrote {args.out}")
+    failed = sum("error" in r for r in results)
+    if failed:  # a check (scripts/gpu-check.sh) must not read a table of failures as a pass
+        sys.exit(f"{failed} of {len(results)} cases failed; their rows in {args.out} say why")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ asked for, never when `llmstack.kernels` is imported. That matters on CPU: Trito
 (`TRITON_INTERPRET=1`, used by the tests) takes effect only for kernels defined after the variable is set,
 so defining them lazily lets a test harness set it at any point before the first Triton call.
 
-What the tests cover: every kernel's program logic, forward and backward, under the interpreter on CPU. What
-they cannot: the kernels compiled for a GPU (block sizes against real shared memory, the compiled code's
-speed). That needs a CUDA device, where `python -m benchmarks.kernels` runs the compiled path; the tests
-build CPU tensors and so stay on the interpreter.
+What the tests cover: every kernel's program logic, forward and backward, under the interpreter on CPU, and
+the same cases on CUDA tensors with the kernels compiled when a GPU is present (tests/kernels/conftest.py:
+there the interpreter stays off; `bash scripts/gpu-check.sh` runs them). Their speed is measured by
+`python -m benchmarks.kernels`, not tested.
 """
 
 from __future__ import annotations

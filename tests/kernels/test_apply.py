@@ -26,17 +26,17 @@ CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
            "qwen3": lambda **kw: Qwen3Config(head_dim=8, **kw)}
 
 
-def _tiny(family="llama", tie=False, seed=0):
+def _tiny(family="llama", tie=False, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[family](**COMMON, tie_word_embeddings=tie))
+    return AutoModelForCausalLM.from_config(CONFIGS[family](**COMMON, tie_word_embeddings=tie)).to(device)
 
 
-def _batch(seed=0, batch=2, length=12):
+def _batch(seed=0, batch=2, length=12, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, length), generator=g)
     labels = ids.clone()
     labels[0, :5] = losses.IGNORE_INDEX  # a masked prompt
-    return ids, labels
+    return ids.to(device), labels.to(device)
 
 
 def _loss_and_grads(model, ids, labels):
@@ -45,9 +45,9 @@ def _loss_and_grads(model, ids, labels):
 
 
 @pytest.mark.parametrize("family", CONFIGS)
-def test_fused_model_matches_the_stock_one_and_removal_restores_it(family, triton_cpu):
-    model = _tiny(family)
-    ids, labels = _batch()
+def test_fused_model_matches_the_stock_one_and_removal_restores_it(family, device, triton_on):
+    model = _tiny(family, device=device)
+    ids, labels = _batch(device=device)
     stock_state = model.state_dict()
     stock_mlp = model.model.layers[0].mlp
     stock_loss, stock_grads = _loss_and_grads(model, ids, labels)
@@ -58,7 +58,7 @@ def test_fused_model_matches_the_stock_one_and_removal_restores_it(family, trito
     counts = handle.summary()["replaced"]
     prefix = type(model).__name__.removesuffix("ForCausalLM")
     assert counts == {f"{prefix}RMSNorm": 2 * per_layer_norms + 1, f"{prefix}MLP": 2, f"{prefix}Attention": 2}
-    assert handle.plan.path == "triton"
+    assert (handle.plan.path, handle.plan.device) == ("triton", device)
     fused_state = model.state_dict()
     assert fused_state.keys() == stock_state.keys()
     assert all(fused_state[k].data_ptr() == stock_state[k].data_ptr() for k in stock_state)
@@ -74,13 +74,13 @@ def test_fused_model_matches_the_stock_one_and_removal_restores_it(family, trito
     assert torch.equal(_loss_and_grads(model, ids, labels)[0], stock_loss)
 
 
-def test_a_checkpoint_saved_while_fused_loads_into_a_stock_model(tmp_path, triton_cpu):
-    model = _tiny("qwen3")
-    ids, _ = _batch()
+def test_a_checkpoint_saved_while_fused_loads_into_a_stock_model(tmp_path, device, triton_on):
+    model = _tiny("qwen3", device=device)
+    ids, _ = _batch(device=device)
     expected = model(input_ids=ids).logits
     apply_kernels(model, "fused")
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).to(device)
     assert torch.equal(reloaded(input_ids=ids).logits, expected)
 
 
@@ -101,8 +101,8 @@ def test_fused_falls_back_to_torch_when_triton_cannot_run(monkeypatch, caplog):
     assert "Triton cannot run on cpu" in caplog.text
 
 
-def test_applying_twice_and_unknown_modes_are_refused(triton_cpu):
-    model = _tiny()
+def test_applying_twice_and_unknown_modes_are_refused(device, triton_on):
+    model = _tiny(device=device)
     with pytest.raises(ValueError, match="kernels='fast' is not one of auto, reference, fused"):
         apply_kernels(model, "fast")
     apply_kernels(model, "fused")
@@ -156,11 +156,11 @@ def test_lm_head_behind_an_adapter_is_refused():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["auto", "fused"])
-def test_training_with_kernels_follows_training_without_them_step_by_step(mode, request):
+def test_training_with_kernels_follows_training_without_them_step_by_step(mode, device, request):
     """The same tiny model from the same weights, 8 AdamW steps on the same batches: every step's loss."""
     if mode == "fused":
-        request.getfixturevalue("triton_cpu")
-    stock = _tiny("llama", tie=True)
+        request.getfixturevalue("triton_on")
+    stock = _tiny("llama", tie=True, device=device)
     fused = copy.deepcopy(stock)
     handle = apply_kernels(fused, mode)
 
@@ -179,7 +179,7 @@ def test_training_with_kernels_follows_training_without_them_step_by_step(mode, 
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         curve = []
         for step in range(8):
-            batch = _batch(seed=step % 3, batch=4, length=16)
+            batch = _batch(seed=step % 3, batch=4, length=16, device=device)
             loss = loss_fn(batch) / losses.count_targets(batch[1])
             loss.backward()
             optimizer.step()

@@ -17,14 +17,14 @@ SHAPES = [(32, 64, 1000), (123, 123, 123), (16, 32, 5003)]
 OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-3, bias=True)]
 
 
-def _inputs(n, h, v, seed=0, ignore_every=5):
+def _inputs(n, h, v, seed=0, ignore_every=5, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g)
     weight = torch.randn(v, h, generator=g) / math.sqrt(h)  # logits of unit scale, as at initialisation
     bias = torch.randn(v, generator=g) * 0.1
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::ignore_every] = lce.IGNORE_INDEX
-    return hidden, weight, bias, labels
+    return tuple(t.to(device) for t in (hidden, weight, bias, labels))
 
 
 def test_ignore_index_is_the_losses_one():
@@ -45,10 +45,10 @@ def test_reference_is_the_formula_by_hand():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "smooth+zloss+bias"])
-def test_loss_and_every_gradient_match_the_reference(path, dtype, shape, options, plan_for):
+def test_loss_and_every_gradient_match_the_reference(path, dtype, shape, options, device, plan_for):
     options = dict(options)
     use_bias = options.pop("bias", False)
-    hidden, weight, bias, labels = _inputs(*shape)
+    hidden, weight, bias, labels = _inputs(*shape, device=device)
     h, w, b = leaf(hidden, dtype), leaf(weight, dtype), leaf(bias, dtype) if use_bias else None
     params = [t for t in (h, w, b) if t is not None]
     # An odd chunk size: several chunks, the last one partial.
@@ -57,7 +57,7 @@ def test_loss_and_every_gradient_match_the_reference(path, dtype, shape, options
 
     h32, w32, b32 = fp32_copies(h, w, b)
     ref_params = [t for t in (h32, w32, b32) if t is not None]
-    expected_loss = lce.reference(h32, w32, labels, b32, options.get("label_smoothing", 0.0),
+    expected_loss = lce.reference(h32, w32, labels.cpu(), b32, options.get("label_smoothing", 0.0),
                                   options.get("z_loss", 0.0))
     expected = grads_of(expected_loss, ref_params, upstream=0.37)
 
@@ -69,17 +69,18 @@ def test_loss_and_every_gradient_match_the_reference(path, dtype, shape, options
 
 
 @pytest.mark.parametrize("path", ["chunked", "triton"])
-def test_causal_form_equals_causal_lm_loss_sum(path, plan_for):
+def test_causal_form_equals_causal_lm_loss_sum(path, device, plan_for):
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
-    weight = (torch.randn(50, 16, generator=g) / 4).requires_grad_()
+    hidden = torch.randn(3, 11, 16, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(50, 16, generator=g) / 4).to(device).requires_grad_()
     labels = torch.randint(0, 50, (3, 11), generator=g)
     labels[0, :4] = losses.IGNORE_INDEX  # a masked prompt
+    labels = labels.to(device)
     got = lce.causal_linear_cross_entropy(hidden, weight, labels, kernels=plan_for(path))
     expected = losses.causal_lm_loss_sum(hidden @ weight.T, labels)
-    torch.testing.assert_close(got, expected)
+    assert_close(got, expected, torch.float32, "loss")
     for a, e in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(expected, (hidden, weight))):
-        torch.testing.assert_close(a, e)
+        assert_close(a, e, torch.float32, "grad")
 
 
 class _LargestTensor(TorchDispatchMode):

@@ -11,13 +11,13 @@ from llmstack.kernels import linear_logprobs as llp
 SHAPES = [(32, 64, 1000), (123, 123, 123), (16, 32, 5003)]  # as in test_linear_cross_entropy
 
 
-def _inputs(n, h, v, seed=0):
+def _inputs(n, h, v, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g)
     weight = torch.randn(v, h, generator=g) / math.sqrt(h)  # logits of unit scale (sharper at T < 1)
     bias = torch.randn(v, generator=g) * 0.1
     tokens = torch.randint(0, v, (n,), generator=g)
-    return hidden, weight, bias, tokens
+    return tuple(t.to(device) for t in (hidden, weight, bias, tokens))
 
 
 def test_reference_is_the_formula_by_hand():
@@ -35,8 +35,9 @@ def test_reference_is_the_formula_by_hand():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("temperature,use_bias", [(1.0, False), (0.7, True)], ids=["t1", "t0.7+bias"])
-def test_outputs_and_every_gradient_match_the_reference(path, dtype, shape, temperature, use_bias, plan_for):
-    hidden, weight, bias, tokens = _inputs(*shape)
+def test_outputs_and_every_gradient_match_the_reference(path, dtype, shape, temperature, use_bias, device,
+                                                         plan_for):
+    hidden, weight, bias, tokens = _inputs(*shape, device=device)
     h, w, b = leaf(hidden, dtype), leaf(weight, dtype), leaf(bias, dtype) if use_bias else None
     params = [t for t in (h, w, b) if t is not None]
     g = torch.Generator().manual_seed(7)
@@ -47,7 +48,7 @@ def test_outputs_and_every_gradient_match_the_reference(path, dtype, shape, temp
 
     h32, w32, b32 = fp32_copies(h, w, b)
     ref_params = [t for t in (h32, w32, b32) if t is not None]
-    ref_logp, ref_entropy = llp.reference(h32, w32, tokens, b32, temperature)
+    ref_logp, ref_entropy = llp.reference(h32, w32, tokens.cpu(), b32, temperature)
     expected = grads_of((ref_logp, ref_entropy), ref_params, upstream)
 
     assert logp.dtype == entropy.dtype == torch.float32
@@ -59,14 +60,14 @@ def test_outputs_and_every_gradient_match_the_reference(path, dtype, shape, temp
 
 
 @pytest.mark.parametrize("path", ["chunked", "triton"])
-def test_gradient_of_logp_alone(path, plan_for):
-    hidden, weight, _, tokens = _inputs(20, 16, 300)
+def test_gradient_of_logp_alone(path, device, plan_for):
+    hidden, weight, _, tokens = _inputs(20, 16, 300, device=device)
     h, w = leaf(hidden, torch.float32), leaf(weight, torch.float32)
     logp, entropy = llp.linear_logprobs(h, w, tokens, kernels=plan_for(path), with_entropy=False, chunk_rows=6)
     assert entropy is None
     got = grads_of(logp, [h, w])
     h32, w32 = fp32_copies(h, w)
-    expected = grads_of(llp.reference(h32, w32, tokens)[0], [h32, w32])
+    expected = grads_of(llp.reference(h32, w32, tokens.cpu())[0], [h32, w32])
     for a, e in zip(got, expected):
         assert_close(a, e, torch.float32, "grad")
 

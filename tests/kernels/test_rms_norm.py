@@ -14,9 +14,9 @@ DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch
           "bf16-x-fp32-w": (torch.bfloat16, torch.float32)}
 
 
-def _inputs(shape, seed=0):
+def _inputs(shape, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * 3, 1 + 0.1 * torch.randn(shape[-1], generator=g)
+    return (torch.randn(shape, generator=g) * 3).to(device), (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(device)
 
 
 @pytest.mark.parametrize("norm_class", [LlamaRMSNorm, Qwen3RMSNorm])
@@ -32,9 +32,9 @@ def test_reference_is_the_hugging_face_module(norm_class):
 
 @pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_output_and_both_gradients_match_the_reference(shape, dtypes, triton_cpu):
+def test_output_and_both_gradients_match_the_reference(shape, dtypes, device, triton_on):
     x_dtype, w_dtype = dtypes
-    x0, w0 = _inputs(shape)
+    x0, w0 = _inputs(shape, device=device)
     x, w = leaf(x0, x_dtype), leaf(w0, w_dtype)
     y = rms_norm.rms_norm(x, w, 1e-6, kernels="fused")
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
@@ -63,8 +63,8 @@ def test_plain_torch_fallback_inside_the_op_matches_the_reference(monkeypatch):
         assert_close(a, e, torch.float32, "grad")
 
 
-def test_registered_op_passes_torch_library_opcheck(triton_cpu):
-    x, w = _inputs((3, 5, 16))
+def test_registered_op_passes_torch_library_opcheck(device, triton_on):
+    x, w = _inputs((3, 5, 16), device=device)
     torch.library.opcheck(rms_norm.rms_norm_fwd, (x.requires_grad_(), w.requires_grad_(), 1e-6))
 
 

@@ -14,16 +14,16 @@ DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch
           "bf16-qk-fp32-cos": (torch.bfloat16, torch.float32)}  # the dtypes under autocast
 
 
-def _inputs(b, hq, hk, t, d, seed=0):
+def _inputs(b, hq, hk, t, d, seed=0, device="cpu"):
     """q, k laid out as the attention module makes them ([B, T, heads, D] viewed as [B, heads, T, D]) and the
-    model's own cos/sin for shuffled positions."""
+    model's own cos/sin for shuffled positions, on `device`."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, t, hq, d, generator=g).transpose(1, 2)
     k = torch.randn(b, t, hk, d, generator=g).transpose(1, 2)
     config = LlamaConfig(hidden_size=d * hq, num_attention_heads=hq, max_position_embeddings=128)
     positions = torch.stack([torch.randperm(t, generator=g) for _ in range(b)])
     cos, sin = LlamaRotaryEmbedding(config)(q, positions)
-    return q, k, cos, sin
+    return tuple(x.to(device) for x in (q, k, cos, sin))
 
 
 def test_reference_is_the_hugging_face_function():
@@ -34,9 +34,9 @@ def test_reference_is_the_hugging_face_function():
 
 @pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_outputs_and_gradients_match_the_reference(shape, dtypes, triton_cpu):
+def test_outputs_and_gradients_match_the_reference(shape, dtypes, device, triton_on):
     qk_dtype, cos_dtype = dtypes
-    q0, k0, cos0, sin0 = _inputs(*shape)
+    q0, k0, cos0, sin0 = _inputs(*shape, device=device)
     q, k = leaf(q0, qk_dtype), leaf(k0, qk_dtype)
     cos, sin = cos0.to(cos_dtype), sin0.to(cos_dtype)
     out = rope.apply_rope(q, k, cos, sin, kernels="fused")
@@ -44,7 +44,7 @@ def test_outputs_and_gradients_match_the_reference(shape, dtypes, triton_cpu):
     upstream = (torch.randn(out[0].shape, generator=g), torch.randn(out[1].shape, generator=g))
     got = grads_of(out, [q, k], upstream)
     q32, k32 = fp32_copies(q, k)
-    expected_out = rope.reference(q32, k32, cos.float(), sin.float())
+    expected_out = rope.reference(q32, k32, cos.float().cpu(), sin.float().cpu())
     expected = grads_of(expected_out, [q32, k32], upstream)
     for name, a, e, dtype in zip("qk", out, expected_out, (q.dtype, k.dtype)):
         assert a.dtype == torch.promote_types(dtype, cos_dtype)
@@ -56,12 +56,12 @@ def test_outputs_and_gradients_match_the_reference(shape, dtypes, triton_cpu):
 
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch-fallback"])
-def test_cos_and_sin_gradients_when_asked(use_triton, request, monkeypatch):
+def test_cos_and_sin_gradients_when_asked(use_triton, device, request, monkeypatch):
     if use_triton:
-        request.getfixturevalue("triton_cpu")
+        request.getfixturevalue("triton_on")
     else:
         monkeypatch.setattr(backend, "triton_runs_on", lambda device: False)
-    q0, k0, cos0, sin0 = _inputs(*SHAPES[1])
+    q0, k0, cos0, sin0 = _inputs(*SHAPES[1], device=device)
     q, k, cos, sin = (leaf(t, torch.float32) for t in (q0, k0, cos0, sin0))
     # the registered op itself: with Triton unable to run, its plain-torch body and backward
     got = grads_of(rope.rope_fwd(q, k, cos, sin), [q, k, cos, sin], torch.ones(()))
@@ -71,8 +71,8 @@ def test_cos_and_sin_gradients_when_asked(use_triton, request, monkeypatch):
         assert_close(a, e, torch.float32, f"grad {name}")
 
 
-def test_registered_op_passes_torch_library_opcheck(triton_cpu):
-    q, k, cos, sin = _inputs(1, 2, 1, 4, 8)
+def test_registered_op_passes_torch_library_opcheck(device, triton_on):
+    q, k, cos, sin = _inputs(1, 2, 1, 4, 8, device=device)
     torch.library.opcheck(rope.rope_fwd, (q.requires_grad_(), k.requires_grad_(), cos, sin))
 
 

@@ -12,9 +12,9 @@ from llmstack.kernels import backend, swiglu
 SHAPES = [(2, 16, 64), (5, 123, 123)]
 
 
-def _inputs(shape, seed=0):
+def _inputs(shape, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g)
+    return (torch.randn(shape, generator=g) * 3).to(device), torch.randn(shape, generator=g).to(device)
 
 
 def test_reference_is_the_hugging_face_activation():
@@ -24,8 +24,8 @@ def test_reference_is_the_hugging_face_activation():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_output_and_both_gradients_match_the_reference(shape, dtype, triton_cpu):
-    gate0, up0 = _inputs(shape)
+def test_output_and_both_gradients_match_the_reference(shape, dtype, device, triton_on):
+    gate0, up0 = _inputs(shape, device=device)
     gate, up = leaf(gate0, dtype), leaf(up0, dtype)
     y = swiglu.swiglu(gate, up, kernels="fused")
     upstream = torch.randn(shape, generator=torch.Generator().manual_seed(3))
@@ -41,17 +41,18 @@ def test_output_and_both_gradients_match_the_reference(shape, dtype, triton_cpu)
 
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch-fallback"])
-def test_fused_mlp_equals_the_stock_module_with_the_same_weights(use_triton, request, monkeypatch):
+def test_fused_mlp_equals_the_stock_module_with_the_same_weights(use_triton, device, request, monkeypatch):
     if use_triton:
-        request.getfixturevalue("triton_cpu")
+        request.getfixturevalue("triton_on")
     else:
         monkeypatch.setattr(backend, "triton_runs_on", lambda device: False)
     torch.manual_seed(0)
     stock = LlamaMLP(LlamaConfig(hidden_size=24, intermediate_size=40, num_attention_heads=4, mlp_bias=True))
+    stock.to(device)
     fused = swiglu.FusedSwiGLUMLP.from_module(stock)
     assert fused.state_dict().keys() == stock.state_dict().keys()
     assert all(a is b for a, b in zip(fused.parameters(), stock.parameters()))
-    x = torch.randn(3, 7, 24)
+    x = torch.randn(3, 7, 24).to(device)
     y_fused = fused(x)
     got = torch.autograd.grad(y_fused.square().sum(), list(stock.parameters()))
     y_stock = stock(x)
@@ -61,6 +62,6 @@ def test_fused_mlp_equals_the_stock_module_with_the_same_weights(use_triton, req
         assert_close(a, e, torch.float32, "grad")
 
 
-def test_registered_op_passes_torch_library_opcheck(triton_cpu):
-    gate, up = _inputs((3, 20))
+def test_registered_op_passes_torch_library_opcheck(device, triton_on):
+    gate, up = _inputs((3, 20), device=device)
     torch.library.opcheck(swiglu.swiglu_fwd, (gate.requires_grad_(), up.requires_grad_()))

@@ -2,6 +2,7 @@
 and the prompt records' columns, no value model exists, the group-size rule, exact resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,16 +59,21 @@ def test_reward_functions_receive_decoded_completions_and_the_records_columns(se
     assert row["reward"] == pytest.approx(row["reward/echo"] + row["reward/answer_format"])
 
 
-def test_grpo_trains_without_a_value_model(setup):
+def test_grpo_trains_without_a_value_model(setup, device):
+    """On each device with the kernels' default (on CUDA: the Triton kernels compiled, the modules swapped)."""
     root, policy, _ = setup
-    result = ppo(config(root, "critic-free"))
-    out = root / "critic-free"
+    result = ppo(config(root, f"critic-free-{device}"))
+    out = root / f"critic-free-{device}"
     assert not (out / "value_model").exists()
     rows = metric_rows(out)
     assert "value_loss" not in rows[0] and "explained_variance" not in rows[0]
-    assert json.loads((out / "record.json").read_text())["stage"] == "grpo"
-    assert any(not torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
-                                                      load_policy(policy).state_dict().values()))
+    record = json.loads((out / "record.json").read_text())
+    assert record["stage"] == "grpo"
+    assert (record["kernels"]["device"], record["kernels"]["path"]) == \
+        (device, "triton" if device == "cuda" else "chunked")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert any(not torch.equal(a.cpu(), b) for a, b in zip(result.model.state_dict().values(),
+                                                            load_policy(policy).state_dict().values()))
 
 
 def load_policy(path):

@@ -15,6 +15,8 @@ from llmstack.losses import count_targets
 from llmstack.models.causal_lm import build_from_preset, save_model
 from llmstack.trainers.sft import _sft_loss_sum, sft
 
+from helpers import assert_close_sums, metric_rows  # noqa: E402  (tests/trainers)
+
 REFERENCE = resolve("reference", "cpu")
 
 
@@ -91,6 +93,22 @@ def test_sft_stage_lowers_held_out_answer_loss_and_writes_samples(tmp_path, base
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+
+
+def test_a_short_sft_run_with_the_kernels_follows_the_stock_one(tmp_path, base, device):
+    """kernels=auto (on CUDA the compiled Triton kernels with the modules swapped, on CPU the chunked loss)
+    against kernels=reference, from the same weights on the same device in fp32: every step's loss."""
+    steps = ("train.max_steps=2", "train.log_every=1", "train.eval_every=0", "sample_prompts=0",
+             "train.precision=fp32")
+    for kernels in ("reference", "auto"):
+        sft(config(tmp_path, kernels, base[0], *steps, f"kernels={kernels}"))
+    record = json.loads((tmp_path / "auto/record.json").read_text())
+    assert (record["kernels"]["device"], record["kernels"]["path"]) == \
+        (device, "triton" if device == "cuda" else "chunked")
+    fused, stock = ([r["loss"] for r in metric_rows(tmp_path / k)] for k in ("auto", "reference"))
+    assert len(stock) == 2
+    # a mean over up to 4 x 96 tokens, each through layers up to 384 wide (llama-1m's MLP)
+    assert_close_sums(torch.tensor(fused), torch.tensor(stock), n_terms=4 * 96 * 384)
 
 
 def test_lora_trains_only_adapters_and_the_merged_save_matches_them(tmp_path, base):
