@@ -16,7 +16,7 @@ from llmstack.models.causal_lm import build_from_preset, save_model
 from llmstack.models.reward_model import load_reward_model, sequence_scores, statistics
 from llmstack.trainers.reward import reward
 
-from helpers import assert_close_sums, metric_rows, stop_at_step  # noqa: E402  (tests/trainers)
+from helpers import assert_close_sums, lora_parameter_count, metric_rows, stop_at_step  # noqa: E402  (tests/trainers)
 
 peft = pytest.importorskip("peft")
 RANK = 4
@@ -51,15 +51,6 @@ def batch(tokenizer):
     return ids, mask
 
 
-def lora_parameters(config, rank: int) -> int:
-    """Adapter weights by hand: r x (in + out) per adapted linear layer of every decoder layer."""
-    h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    return config.num_hidden_layers * sum(rank * (a + b) for a, b in shapes.values())
-
-
 def test_only_adapters_and_score_head_train_and_both_saves_score_as_llmstack(tmp_path, backbone):
     path, tokenizer = backbone
     start = load_reward_model(str(path), tokenizer, seed=0)  # the stage's start: backbone + seeded score head
@@ -83,7 +74,7 @@ def test_only_adapters_and_score_head_train_and_both_saves_score_as_llmstack(tmp
 
     record = json.loads((tmp_path / "adapters/record.json").read_text())
     full = sum(p.numel() for p in start.parameters())
-    expected = lora_parameters(start.config, RANK) + start.score.weight.numel()
+    expected = lora_parameter_count(start.config, RANK) + start.score.weight.numel()
     assert record["model"]["trainable_parameters"] == expected
     assert expected < 0.15 * full
     assert record["model"]["lora"] == {"r": RANK, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS,
