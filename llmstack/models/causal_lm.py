@@ -47,6 +47,9 @@ def preset_config(name: str, vocab_size: int, max_positions: int, tokenizer=None
                        rms_norm_eps=1e-5, attention_dropout=0.0, **PRESETS[name], **special)
 
 
+# beside a classifier's adapters: the config of the classifier they were trained in (see `save_model`)
+CLASSIFIER_CONFIG = "classifier_config.json"
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -184,9 +187,10 @@ def save_model(model: PreTrainedModel, tokenizer, directory: str | Path, state_d
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if hasattr(model, "peft_config") and type(unwrap(model)).__name__.endswith("ForSequenceClassification"):
-        # peft saves the adapters and the score head only; the classifier's config (one label, pad id, the
-        # reward statistics) goes beside them so the directory loads as the model that was trained
-        unwrap(model).config.save_pretrained(tmp)
+        # peft saves the adapters and the score head only; the classifier's settings (pad id, reward
+        # statistics) go beside them under their own name: a config.json would make stock transformers take
+        # the directory for a whole model instead of loading the base and then the adapters
+        unwrap(model).config.to_json_file(tmp / CLASSIFIER_CONFIG)
     tokenizer.save_pretrained(tmp)
     if directory.exists():
         shutil.rmtree(directory)

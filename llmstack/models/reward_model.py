@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from llmstack.config import ConfigError, objects
-from llmstack.models.causal_lm import nf4_config, unloadable
+from llmstack.models.causal_lm import CLASSIFIER_CONFIG, nf4_config, unloadable
 from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
 from llmstack.rl.experience import join
 
@@ -62,19 +62,20 @@ def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code
 
 def _merged_adapters(directory: Path, dtype: torch.dtype, trust_remote_code: bool):
     """The plain classifier that a directory of peft adapters (with the trained score head) describes: its
-    base model loaded with the classifier config saved beside the adapters (one label, pad id, reward
-    statistics), the adapters added into the weights."""
+    base model as a one-label classifier with the pad id and reward statistics saved beside the adapters
+    (`causal_lm.CLASSIFIER_CONFIG`), the adapters added into the weights."""
     base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
     try:
         import peft
     except ImportError as err:
         raise ImportError(f"{directory} holds LoRA adapters; loading them needs peft: pip install 'llmstack[lora]'") \
             from err
-    source = directory if (directory / "config.json").is_file() else base
     try:
-        config = AutoConfig.from_pretrained(source, num_labels=1, trust_remote_code=trust_remote_code)
-        # adapters trained over a 4-bit base (QLoRA) are merged into the full-precision one
-        config.__dict__.pop("quantization_config", None)
+        config = AutoConfig.from_pretrained(base, num_labels=1, trust_remote_code=trust_remote_code)
+        saved = directory / CLASSIFIER_CONFIG
+        if saved.is_file():
+            trained = json.loads(saved.read_text())
+            config.update({k: trained[k] for k in ("pad_token_id", "reward_mean", "reward_std") if k in trained})
         backbone = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=dtype,
                                                                       trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:

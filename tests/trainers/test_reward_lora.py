@@ -89,6 +89,9 @@ def test_only_adapters_and_score_head_train_and_both_saves_score_as_llmstack(tmp
         with_peft = peft.PeftModel.from_pretrained(
             AutoModelForSequenceClassification.from_pretrained(path, num_labels=1), out).eval()
         assert_close_sums(with_peft(input_ids=ids, attention_mask=mask).logits.squeeze(-1), ours, n_terms)
+        # transformers' own peft integration: the base model from adapter_config.json, then the adapters
+        direct = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
+        assert_close_sums(direct(input_ids=ids, attention_mask=mask).logits.squeeze(-1), ours, n_terms)
         loaded = load_reward_model(str(out), tokenizer, seed=5).eval()  # the seed must not redraw the head
         assert_close_sums(sequence_scores(loaded, ids, mask), ours, n_terms)
     assert statistics(loaded) == pytest.approx((record["metrics"]["reward_mean"], record["metrics"]["reward_std"]))
