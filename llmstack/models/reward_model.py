@@ -84,7 +84,9 @@ def _merged_adapters(directory: Path, dtype: torch.dtype, trust_remote_code: boo
                           "adapter_config.json's base_model_name_or_path points") from err
     model = peft.PeftModel.from_pretrained(backbone, directory).merge_and_unload()
     model.config.architectures = [type(model).__name__]  # the score head came with the adapters: keep it
-    return model
+    # peft loads adapters for inference, every weight frozen; like any loaded model this one trains whole (a
+    # value model) unless the caller freezes it
+    return model.requires_grad_(True)
 
 
 def _classifier_from_object(given):

@@ -146,3 +146,22 @@ def test_interrupted_lora_reward_run_resumes_to_the_same_adapters(tmp_path, back
     assert [r["loss"] for r in metric_rows(tmp_path / "split")] == [r["loss"] for r in metric_rows(tmp_path / "whole")]
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_ppo_takes_an_unmerged_reward_model_as_its_reward_and_value_model(tmp_path, backbone):
+    from llmstack.config import PPOConfig
+    from llmstack.trainers.ppo import ppo
+
+    path, tokenizer = backbone
+    reward(config(tmp_path, path, "adapters", "lora.merge=false", "train.max_steps=2"))
+    adapters = tmp_path / "adapters/model"
+    result = ppo(load_config(PPOConfig, None, [
+        f"output_dir={tmp_path / 'ppo'}", f"model.name_or_path={path}", f"reward_model.name_or_path={adapters}",
+        "data.train=synthetic:16", "train.max_steps=1", "train.batch_size=4", "rollout.batch_size=4",
+        "rollout.max_new_tokens=4", "samples_per_step=0"]))
+    assert result.status == "finished"
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ppo/value_model")
+    assert not any("lora" in n for n, _ in value.named_parameters())
+    # the reward statistics travelled with the adapters into the models PPO loaded from them
+    assert value.config.reward_mean == pytest.approx(json.loads(
+        (tmp_path / "adapters/record.json").read_text())["metrics"]["reward_mean"])
