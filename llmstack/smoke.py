@@ -31,6 +31,7 @@ SMALL = {  # section -> key -> value, applied where the stage has the key
     "rollout": dict(batch_size=2, max_new_tokens=8),
     "dpo": dict(kl_prompts=2, kl_max_new_tokens=8),
     "lora": dict(load_in_4bit=False),
+    "value_lora": dict(load_in_4bit=False),
     "": dict(sample_prompts=1, sample_max_new_tokens=8, samples_per_step=1),
 }
 # the reader of each stage's data, for the built-in records that stand in for an unreadable source

@@ -199,8 +199,9 @@ TRL_NAMES = {
 
 def _unknown_key(cls: type, hints: dict, names: list[str], key: str, prefix: str, source: str) -> str:
     dotted = f"{prefix}{key}"
-    known = [f"{prefix}{n}" for n in names]
-    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6) or _one_level_down(cls, hints, key, prefix)
+    # matched on the key alone: a shared section prefix would make unrelated keys look alike
+    close = [f"{prefix}{n}" for n in difflib.get_close_matches(key, names, n=1, cutoff=0.6)] \
+        or _one_level_down(cls, hints, key, prefix)
     if key in TRL_NAMES and not close:
         return f"unknown config key '{dotted}' in {source}: that is TRL/transformers' name; here it is " \
                f"'{TRL_NAMES[key]}'"

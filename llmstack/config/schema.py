@@ -196,6 +196,8 @@ class RewardConfig:
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=10, max_steps=200,
                                                                     batch_size=8))
     use_margins: bool = option(False, "Subtract each record's 'margin' inside the pairwise loss.")
+    lora: LoraConfig = option(default_factory=LoraConfig, help="LoRA on the backbone; the score head trains "
+                              "whole. Unmerged, model/ holds the adapters and the head in peft format.")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     center_coef: float = option(0.0, "Weight of the reward-centering term mean(score^2).", ge=0.0)
 
@@ -330,6 +332,9 @@ class PPOConfig:
                                    "model.")
     lora: LoraConfig = option(default_factory=LoraConfig, help="LoRA on the policy; the reference is then the "
                               "policy with its adapter disabled (no second copy).")
+    value_lora: LoraConfig = option(default_factory=LoraConfig, help="LoRA on the value model's backbone; its "
+                                    "value head trains whole. value_model/ is saved merged unless "
+                                    "value_lora.merge=false.")
     data: PromptDataConfig = option(default_factory=PromptDataConfig)
     train: TrainConfig = option(default_factory=lambda: TrainConfig(lr=1e-5, warmup_steps=0, max_steps=100,
                                                                     batch_size=8, schedule="constant",

@@ -47,6 +47,9 @@ def preset_config(name: str, vocab_size: int, max_positions: int, tokenizer=None
                        rms_norm_eps=1e-5, attention_dropout=0.0, **PRESETS[name], **special)
 
 
+# beside a classifier's adapters: the config of the classifier they were trained in (see `save_model`)
+CLASSIFIER_CONFIG = "classifier_config.json"
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -88,11 +91,7 @@ def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=torch.bfloat16,
-                                                           bnb_4bit_use_double_quant=True)
+        kwargs["quantization_config"] = nf4_config()
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -103,6 +102,15 @@ def load_causal_lm(name_or_path: str, gguf_file: str | None = None, trust_remote
         # the model trains and saves as the plain model it now is.
         model.hf_quantizer.remove_quantization_config(model)
     return model
+
+
+def nf4_config(keep: tuple[str, ...] = ()):
+    """QLoRA's quantisation: linear layers in 4-bit NF4 with double-quantised scales, computing in bf16;
+    modules named in `keep` stay in full precision (a score head that trains whole)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(keep) or None)
 
 
 def unloadable(what: str, name_or_path: str, err: Exception) -> ConfigError:
@@ -178,6 +186,11 @@ def save_model(model: PreTrainedModel, tokenizer, directory: str | Path, state_d
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if hasattr(model, "peft_config") and type(unwrap(model)).__name__.endswith("ForSequenceClassification"):
+        # peft saves the adapters and the score head only; the classifier's settings (pad id, reward
+        # statistics) go beside them under their own name: a config.json would make stock transformers take
+        # the directory for a whole model instead of loading the base and then the adapters
+        unwrap(model).config.to_json_file(tmp / CLASSIFIER_CONFIG)
     tokenizer.save_pretrained(tmp)
     if directory.exists():
         shutil.rmtree(directory)

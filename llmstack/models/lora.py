@@ -10,7 +10,9 @@ import contextlib
 def prepare_for_training(model, lora, gradient_checkpointing: bool):
     """`model` with activation checkpointing (recompute in the backward pass) when asked, and wrapped in
     LoRA adapters when `lora.enabled` (a `llmstack.config.LoraConfig`); QLoRA's 4-bit base is prepared for
-    training first."""
+    training first. On a reward or value model (`*ForSequenceClassification`) the adapters go on the
+    backbone and the new score head trains whole (peft keeps a trainable copy of `score` and saves it with
+    the adapters)."""
     if gradient_checkpointing:
         checkpoint_activations(model)
     if not lora.enabled:
@@ -24,9 +26,14 @@ def prepare_for_training(model, lora, gradient_checkpointing: bool):
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
+    task = "SEQ_CLS" if is_classifier(model) else "CAUSAL_LM"
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+                             target_modules=list(lora.target_modules), task_type=task)
     return peft.get_peft_model(model, config)
+
+
+def is_classifier(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def checkpoint_activations(model):

@@ -16,27 +16,36 @@ Shape legend: R sequences, T positions, N rankings, K responses per ranking, H h
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from llmstack.config import objects
-from llmstack.models.causal_lm import unloadable
+from llmstack.config import ConfigError, objects
+from llmstack.models.causal_lm import CLASSIFIER_CONFIG, nf4_config, unloadable
 from llmstack.models.heads import apply_head, at_least_fp32, score_head, unwrap
 from llmstack.rl.experience import join
 
 
 def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code: bool = False,
-                      dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+                      dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+                      load_in_4bit: bool = False):
     """A one-label sequence classifier with weights in `dtype` (`llmstack.models.causal_lm.weight_dtype`); a
     new score head starts small, N(0, 1/(hidden+1)) as in Ziegler et al. 2019, so early rewards are near zero
     and the backbone's features dominate the first updates. Value models are loaded the same way (they start
-    from a reward model, or a policy). A model given in Python (a `memory:` name) is used as a copy."""
+    from a reward model, or a policy). A model given in Python (a `memory:` name) is used as a copy; a
+    directory of LoRA adapters (a reward stage run with `lora.merge=false`) is merged into its base model.
+    `load_in_4bit`: QLoRA's NF4 backbone (`causal_lm.nf4_config`), with the score head kept whole to train."""
     if objects.is_memory(name_or_path):
         model = _classifier_from_object(objects.fresh_copy(name_or_path)).to(dtype)
+    elif (Path(name_or_path) / "adapter_config.json").is_file():
+        model = _merged_adapters(Path(name_or_path), dtype, trust_remote_code)
     else:
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        if load_in_4bit:
+            extra["quantization_config"] = nf4_config(keep=("score",))
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 name_or_path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
@@ -49,6 +58,35 @@ def load_reward_model(name_or_path: str, tokenizer, seed: int, trust_remote_code
         with torch.no_grad():
             model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=generator) / math.sqrt(hidden + 1))
     return model
+
+
+def _merged_adapters(directory: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """The plain classifier that a directory of peft adapters (with the trained score head) describes: its
+    base model as a one-label classifier with the pad id and reward statistics saved beside the adapters
+    (`causal_lm.CLASSIFIER_CONFIG`), the adapters added into the weights."""
+    base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError(f"{directory} holds LoRA adapters; loading them needs peft: pip install 'llmstack[lora]'") \
+            from err
+    try:
+        config = AutoConfig.from_pretrained(base, num_labels=1, trust_remote_code=trust_remote_code)
+        saved = directory / CLASSIFIER_CONFIG
+        if saved.is_file():
+            trained = json.loads(saved.read_text())
+            config.update({k: trained[k] for k in ("pad_token_id", "reward_mean", "reward_std") if k in trained})
+        backbone = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=dtype,
+                                                                      trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"{directory} holds LoRA adapters whose base model {base!r} cannot be loaded; save the "
+                          "reward model merged (reward stage lora.merge=true), or put the base model where "
+                          "adapter_config.json's base_model_name_or_path points") from err
+    model = peft.PeftModel.from_pretrained(backbone, directory).merge_and_unload()
+    model.config.architectures = [type(model).__name__]  # the score head came with the adapters: keep it
+    # peft loads adapters for inference, every weight frozen; like any loaded model this one trains whole (a
+    # value model) unless the caller freezes it
+    return model.requires_grad_(True)
 
 
 def _classifier_from_object(given):

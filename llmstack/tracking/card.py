@@ -62,7 +62,7 @@ def _bullets(facts: dict, base: Path, depth: int = 0) -> list[str]:
 SETUP_KEYS = ("seed", "model.name_or_path", "model.preset", "reward_model.name_or_path", "data.block_size",
               "data.max_length", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr",
               "train.schedule", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.precision",
-              "lora.enabled")
+              "lora.enabled", "value_lora.enabled")
 
 
 def _get(config: dict, dotted: str):

@@ -22,7 +22,7 @@ from llmstack.data.text import pack_corpus
 from llmstack.models import causal_lm
 from llmstack.models.engines import build_engine
 from llmstack.models.fused import apply_kernels
-from llmstack.models.lora import checkpoint_activations, prepare_for_training
+from llmstack.models.lora import merged, prepare_for_training
 from llmstack.models.reward_model import RewardModelScores, load_reward_model, statistics
 from llmstack.rl.estimators import ESTIMATORS, check_group_size
 from llmstack.rl.kl import AdaptiveKLController, FixedKLController
@@ -34,7 +34,7 @@ from llmstack.trainers.base import build_optimizer, build_scheduler, compute_pre
 from llmstack.trainers.loop import LoopResult, LoopState, StepReport, resume, run_loop
 from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, noise_floor,
                                          rollout_metrics, score, update, write_samples)
-from llmstack.trainers.run import Run, close_run, open_run, precision_facts
+from llmstack.trainers.run import Run, close_run, model_facts, open_run, precision_facts
 from llmstack.tracking.record import find_parent
 from llmstack.tracking.run_dir import owns_output_dir
 
@@ -69,9 +69,9 @@ def build_models(cfg: PPOConfig, tokenizer, compute: str = "fp32") -> tuple[RLMo
     if ESTIMATORS[cfg.ppo.estimator].needs_critic:
         value_path = cfg.value_model.name_or_path or cfg.reward_model.name_or_path
         value = causal_lm.no_dropout(load_reward_model(value_path, tokenizer, cfg.seed, dtype=trained,
-                                                       attn_implementation=m.attn_implementation))
-        if cfg.gradient_checkpointing:
-            checkpoint_activations(value)
+                                                       attn_implementation=m.attn_implementation,
+                                                       load_in_4bit=cfg.value_lora.load_in_4bit))
+        value = prepare_for_training(value, cfg.value_lora, cfg.gradient_checkpointing)
     for frozen in (reference, reward_model):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
@@ -311,9 +311,10 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
     if run.finished:
         return None
     acc = run.accelerator
-    if cfg.lora.enabled and distributed.is_sharded(acc):
-        raise ValueError(f"ppo: lora.enabled is not supported under the {distributed.layout(acc)} layout; LoRA's "
-                         "trainable weights are small, so launch it with DDP or DeepSpeed ZeRO-2 instead")
+    for key, lora in (("lora", cfg.lora), ("value_lora", cfg.value_lora)):
+        if lora.enabled and distributed.is_sharded(acc):
+            raise ValueError(f"ppo: {key}.enabled is not supported under the {distributed.layout(acc)} layout; "
+                             "LoRA's trainable weights are small, so launch it with DDP or DeepSpeed ZeRO-2 instead")
     s = setup(run, cfg, reward_funcs or {})
     state = resume(run, s.restore) or LoopState()
     if run.record is not None:
@@ -322,6 +323,9 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
                           inputs={"prompts": {"spec": cfg.data.train}, "reward_model": reward_model},
                           data={"prompts": len(s.prompt_rows)}, resumed_from_step=state.step or None,
                           kernels=s.kernels.summary(), precision=s.precision,
+                          models={"policy": model_facts(run, s.models.policy, cfg.lora),
+                                  **({"value_model": model_facts(run, s.models.value, cfg.value_lora)}
+                                     if s.models.value is not None else {})},
                           learning_rate=learning_rate_facts(run.stage, cfg.model.name_or_path, cfg.train.lr,
                                                             cfg.train.weight_decay),
                           algorithm={"estimator": cfg.ppo.estimator, "critic": s.models.value is not None,
@@ -336,9 +340,11 @@ def ppo(cfg: PPOConfig, metrics: dict[str, MetricFn] | None = None,
     result = run_loop(run, state, ppo_step(run, cfg, s, metrics), s.checkpoint_state)
     if result.completed and s.models.value is not None:
         value_state = acc.get_state_dict(s.models.value)  # every process takes part: sharded layouts gather it
+        value = acc.unwrap_model(s.models.value)
+        if cfg.value_lora.enabled and cfg.value_lora.merge:
+            value, value_state = merged(value), None
         if acc.is_main_process:
-            causal_lm.save_model(acc.unwrap_model(s.models.value), s.tokenizer, run.dir / "value_model",
-                                 state_dict=value_state)
+            causal_lm.save_model(value, s.tokenizer, run.dir / "value_model", state_dict=value_state)
     summary = {"steps": state.step, **{f"final_{k}": v for k, v in state.last_eval.items()},
                "final_kl_coef": s.kl_ctl.coef}
     result.model = close_run(run, s.models.policy, s.tokenizer, result.status, summary,

@@ -4,7 +4,8 @@ The model is a one-label `AutoModelForSequenceClassification` on any causal-LM b
 (`llmstack.models.reward_model`). A ranking's responses share one row that holds their prompt once
 (`llmstack.data.preference.PreferenceRows`), so the prompt is computed once for all of them. After training,
 the mean and standard deviation of the scores on the held-out responses are stored in the model's config
-(`reward_mean`, `reward_std`) so RL can normalise rewards.
+(`reward_mean`, `reward_std`) so RL can normalise rewards. With LoRA the adapters go on the backbone and the
+score head trains whole (`llmstack.models.lora.prepare_for_training`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llmstack.data.preference import PAD_SEGMENT, build_preference_rows, load_gr
 from llmstack.evaluation.heldout import preference_metrics, score_statistics
 from llmstack.losses import ranking_loss_sum
 from llmstack.models import causal_lm
-from llmstack.models.lora import checkpoint_activations
+from llmstack.models.lora import prepare_for_training
 from llmstack.models.reward_model import load_reward_model, scores_at
 from llmstack.trainers.base import compute_precision, log
 from llmstack.trainers.loop import LoopResult
@@ -70,9 +71,8 @@ def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
                                        cfg.seed)
     model = load_reward_model(m.name_or_path, tokenizer, cfg.seed, m.trust_remote_code,
                               causal_lm.weight_dtype(m.dtype, compute_precision(acc), frozen=False),
-                              m.attn_implementation)
-    if cfg.gradient_checkpointing:
-        checkpoint_activations(model)
+                              m.attn_implementation, cfg.lora.load_in_4bit)
+    model = prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing)
     objective = reward_objective(cfg.use_margins, cfg.center_coef)
 
     def held_out():
@@ -96,4 +96,4 @@ def reward(cfg: RewardConfig, callbacks=()) -> LoopResult | None:
               "annotators": agreement, "annotation": annotation_facts(d.train)}
     return run_supervised_stage(run, model, tokenizer, batches, objective, d.max_length,
                                 held_out if held_rows else None, record, after_eval=metrics,
-                                before_save=store_normalisation)
+                                merge_adapters=cfg.lora.enabled and cfg.lora.merge, before_save=store_normalisation)

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from llmstack.config import save_config, to_dict
-from llmstack.models.causal_lm import save_model
+from llmstack.models.causal_lm import numel, save_model
 from llmstack.models.heads import unwrap
 from llmstack.models.lora import has_adapters, merged
 from llmstack.trainers.base import compute_precision, describe_world, log, make_accelerator, setup_logging
@@ -95,6 +95,20 @@ def precision_facts(run: Run, **models) -> dict:
         inner = unwrap(model)
         facts["weights"][name] = str(next(inner.parameters()).dtype).removeprefix("torch.")
         facts["attn_implementation"][name] = getattr(inner.config, "_attn_implementation", None)
+    return facts
+
+
+def model_facts(run: Run, model, lora=None) -> dict:
+    """record.json's account of one trained model: its class as trained, all its parameters and those the
+    optimiser updates, and, when it trains through adapters, the LoRA settings (`lora`, a
+    `llmstack.config.LoraConfig`; absent without adapters)."""
+    facts = {"class": type(run.accelerator.unwrap_model(model)).__name__,
+             "parameters": sum(numel(p) for p in model.parameters()),
+             "trainable_parameters": sum(numel(p) for p in model.parameters() if p.requires_grad)}
+    if lora is not None and lora.enabled:
+        facts["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+                         "target_modules": list(lora.target_modules), "load_in_4bit": lora.load_in_4bit,
+                         "merge": lora.merge}
     return facts
 
 

@@ -15,7 +15,7 @@ from llmstack.trainers import distributed
 from llmstack.trainers.base import (batch_arithmetic, build_optimizer, build_scheduler, compute_precision,
                                     learning_rate_facts, log)
 from llmstack.trainers.loop import LoopResult, LoopState, resume, run_loop
-from llmstack.trainers.run import Run, close_run, precision_facts
+from llmstack.trainers.run import Run, close_run, model_facts, precision_facts
 from llmstack.trainers.supervised import SupervisedObjective, supervised_step
 from llmstack.tracking.mfu import peak_flops, transformer_flops_per_token
 
@@ -52,10 +52,9 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
     parameters even under a sharded layout, so one process may generate alone; `before_save(model)` runs once
     training has finished, may change what is saved, and returns facts for the record."""
     acc, train = run.accelerator, run.cfg.train
-    n_params = sum(causal_lm.numel(p) for p in model.parameters())
-    n_trainable = sum(causal_lm.numel(p) for p in model.parameters() if p.requires_grad)
-    log.info(f"{run.stage}: {type(model).__name__} with {n_params / 1e6:.2f}M parameters "
-             f"({n_trainable / 1e6:.2f}M trainable), vocabulary {len(tokenizer)}")
+    trained = model_facts(run, model, getattr(run.cfg, "lora", None))
+    log.info(f"{run.stage}: {type(model).__name__} with {trained['parameters'] / 1e6:.2f}M parameters "
+             f"({trained['trainable_parameters'] / 1e6:.2f}M trainable), vocabulary {len(tokenizer)}")
     log.info(f"{run.stage}: {batch_arithmetic(train.batch_size, train.grad_accum, acc.num_processes, seq_len)}")
     flops_per_token, peak, peak_source = _throughput_facts(run, model, seq_len)
 
@@ -84,8 +83,7 @@ def run_supervised_stage(run: Run, model, tokenizer, batches, objective: Supervi
                                                       train.weight_decay)}
         run.record.update(**{**facts, **record},
                           resumed_from_step=state.step or None,
-                          model={"class": type(acc.unwrap_model(model)).__name__, "parameters": n_params,
-                                 "trainable_parameters": n_trainable})
+                          model=trained)
         run.record.set_compute(acc.num_processes, device=str(acc.device), peak_flops_per_device=peak,
                                peak_source=peak_source)
         run.record.save()

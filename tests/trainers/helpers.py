@@ -43,6 +43,16 @@ def assert_close_sums(got: torch.Tensor, expected: torch.Tensor, n_terms: int) -
     torch.testing.assert_close(got, expected.detach(), rtol=0, atol=tolerance * max(scale, 1e-30))
 
 
+def lora_parameter_count(config, rank: int) -> int:
+    """LoRA weights by hand for adapters on every linear layer of each Llama decoder layer: r x (in + out)
+    per adapted layer."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return config.num_hidden_layers * sum(rank * (a + b) for a, b in shapes.values())
+
+
 def tiny_chat_policy(root) -> tuple:
     """A fresh llama-1m with a chat-templated byte-level BPE trained on the built-in task's texts, saved as
     a run's model/ would be; (path, tokenizer)."""

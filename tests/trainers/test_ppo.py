@@ -1,12 +1,16 @@
 """PPO on tiny models: invariants at the first step, where the reward lands, resume, and the run directory."""
 
 import json
+import math
 import os
 import signal
 
 import pytest
 import torch
 from accelerate import Accelerator
+from transformers import AutoModelForSequenceClassification
+
+import llmstack.trainers.ppo as ppo_module
 
 from llmstack.config import PPOConfig, load_config
 from llmstack.data.chat import ensure_chat_template
@@ -25,6 +29,8 @@ from llmstack.tracking.metrics import MetricsLog
 from llmstack.trainers import distributed
 from llmstack.trainers.ppo import load_prompts, ppo, settings_of
 from llmstack.trainers.rl_phases import RLModels, generate, score
+
+from helpers import assert_close_sums, lora_parameter_count, metric_rows  # noqa: E402  (tests/trainers)
 
 REFERENCE = resolve("reference", "cpu")
 
@@ -172,3 +178,54 @@ def test_lora_under_a_sharded_layout_is_refused_with_what_to_launch_instead(tmp_
     monkeypatch.setattr(distributed, "layout", lambda acc: "zero3")
     with pytest.raises(ValueError, match="lora.enabled is not supported under the zero3 layout.*DDP or DeepSpeed ZeRO-2"):
         ppo(config(tmp_path, models, "lora", "lora.enabled=true"))
+
+
+def test_value_lora_trains_only_the_value_adapters_and_head_and_saves_value_model(tmp_path, models, monkeypatch):
+    """value_lora: the critic's backbone stays bit for bit as loaded, its adapters and value head move, the
+    value loss stays finite; value_model/ holds the adapters (merge=false) or a plain model (the default)
+    that scores as the trained critic. The policy trains whole and says so in the record."""
+    policy_path, rm_path, tokenizer = models
+    prepared = []
+    original = ppo_module.prepare_for_training
+    monkeypatch.setattr(ppo_module, "prepare_for_training", lambda m, lora, gc: prepared.append(original(m, lora, gc))
+                        or prepared[-1])
+    value_lora = ["value_lora.enabled=true", "value_lora.r=4", "train.max_steps=2"]
+    ppo(config(tmp_path, models, "adapters", *value_lora, "value_lora.merge=false"))
+    value = prepared[-1].eval()
+    start = load_reward_model(str(rm_path), tokenizer, 0)
+    trained = dict(value.named_parameters())
+    for name, param in start.named_parameters():
+        if not name.startswith("score."):
+            peft_name = next(n for n in trained if n.endswith(name.replace(".weight", ".base_layer.weight"))
+                             or n.endswith(name))
+            assert torch.equal(trained[peft_name], param), f"base value weight {name} changed"
+    head = value.base_model.model.score
+    assert torch.equal(head.original_module.weight, start.score.weight)
+    assert not torch.equal(head.modules_to_save["default"].weight, start.score.weight), "value head did not train"
+    assert all(not torch.all(p == 0) for n, p in trained.items() if "lora_B" in n), "an adapter did not train"
+    losses = [r["value_loss"] for r in metric_rows(tmp_path / "adapters") if "value_loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+    record = json.loads((tmp_path / "adapters/record.json").read_text())
+    full_value, full_policy = (sum(p.numel() for p in m.parameters())
+                               for m in (start, load_causal_lm(str(policy_path))))
+    value_facts = record["models"]["value_model"]
+    assert value_facts["trainable_parameters"] == lora_parameter_count(start.config, 4) + start.score.weight.numel()
+    assert value_facts["trainable_parameters"] < 0.15 * full_value and value_facts["lora"]["r"] == 4
+    assert record["models"]["policy"]["trainable_parameters"] == full_policy and "lora" not in record["models"]["policy"]
+
+    ids = torch.tensor([[5, 17, 40, 41, 9, tokenizer.eos_token_id]])
+    mask = torch.ones_like(ids)
+    n_terms = ids.shape[1] * start.config.intermediate_size
+    assert (tmp_path / "adapters/value_model/adapter_config.json").is_file()
+    with torch.no_grad():
+        ours = sequence_scores(value, ids, mask)
+        assert_close_sums(sequence_scores(load_reward_model(str(tmp_path / "adapters/value_model"), tokenizer, 3),
+                                          ids, mask), ours, n_terms)
+    ppo(config(tmp_path, models, "merged", *value_lora))
+    assert [r.get("value_loss") for r in metric_rows(tmp_path / "merged")] == \
+        [r.get("value_loss") for r in metric_rows(tmp_path / "adapters")]
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged/value_model").eval()
+    assert not any("lora" in n for n, _ in stock.named_parameters())
+    with torch.no_grad():
+        assert_close_sums(stock(input_ids=ids, attention_mask=mask).logits.squeeze(-1), ours, n_terms)
