@@ -117,8 +117,8 @@ def one_step(root, tokenizer, plan, old_logp_pass: bool, *extra):
     log-probabilities on or off: (the experience, the update's metrics, the weights after the step)."""
     cfg = config(root, "phases", "train.batch_size=16", *extra)
     acc = Accelerator(cpu=True)
-    policy, optimizer = acc.prepare(*(lambda m: (m, torch.optim.AdamW(m.parameters(), lr=1e-3)))(
-        load_causal_lm(str(root / "policy"))))
+    policy = load_causal_lm(str(root / "policy"))
+    policy, optimizer = acc.prepare(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3))
     reference = distributed.prepare_frozen(acc, load_causal_lm(str(root / "policy")))
     models = RLModels(policy, reference, None)
     sampling, scoring, updating = settings_of(cfg)
@@ -155,7 +155,8 @@ def test_old_logprobs_from_the_update_pass_train_exactly_like_a_separate_scoring
     # policy == reference at the first step: KL exactly 0, and the first ratio exactly 1 (nothing clipped)
     assert exp_b.kl.abs().sum() == 0 and stats_b["logprob_gap"] == 0.0 and stats_b["clip_fraction"] == 0.0
     assert stats_a == stats_b
-    moved = [k for k in weights_a if not torch.equal(weights_a[k], load_causal_lm(str(root / "policy")).state_dict()[k])]
+    start = load_causal_lm(str(root / "policy")).state_dict()
+    moved = [k for k in weights_a if not torch.equal(weights_a[k], start[k])]
     assert moved, "the step must have changed the weights for the comparison to mean anything"
     for name, weight in weights_a.items():
         assert torch.equal(weight, weights_b[name]), name
