@@ -3,7 +3,9 @@
 Every step: `generate` (the rollout engine answers a batch of prompts), `score` (log-probabilities under the
 policy and the frozen reference, values, reward-model scores, per-token rewards, advantages), `update` (a few
 epochs of clipped policy and value updates over minibatches of that rollout); the phases are plain functions
-in `trainers/rl_phases.py`. Four roles: the policy and the value model train; the reference (a frozen copy of
+in `trainers/rl_phases.py`. With one optimiser step per rollout (GRPO's usual one epoch of one minibatch) the
+policy's rollout-time log-probabilities come from the update's own pass, not a scoring pass of their own
+(`needs_old_logp_pass`). Four roles: the policy and the value model train; the reference (a frozen copy of
 the SFT policy, or the policy with its LoRA adapters disabled) and the reward model do not.
 """
 
@@ -32,8 +34,9 @@ from llmstack.rl.rollout import SamplingSettings
 from llmstack.trainers import distributed
 from llmstack.trainers.base import build_optimizer, build_scheduler, compute_precision, learning_rate_facts, log
 from llmstack.trainers.loop import LoopResult, LoopState, StepReport, resume, run_loop
-from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate, noise_floor,
-                                         rollout_metrics, score, update, write_samples)
+from llmstack.trainers.rl_phases import (MetricFn, RLModels, ScoreSettings, UpdateSettings, generate,
+                                         needs_old_logp_pass, noise_floor, rollout_metrics, score, token_kl, update,
+                                         write_samples)
 from llmstack.trainers.run import Run, close_run, model_facts, open_run, precision_facts
 from llmstack.tracking.record import find_parent
 from llmstack.tracking.run_dir import owns_output_dir
@@ -89,9 +92,12 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[PromptRows, list, dict[str,
 
 def settings_of(cfg: PPOConfig) -> tuple[SamplingSettings, ScoreSettings, UpdateSettings]:
     r, p, train = cfg.rollout, cfg.ppo, cfg.train
+    old_logp_pass = needs_old_logp_pass(p.epochs, train.batch_size, r.batch_size * r.samples_per_prompt,
+                                        p.kl_in == "reward")
     return (SamplingSettings(r.max_new_tokens, r.temperature, r.top_p),
             ScoreSettings(p.estimator, r.temperature, p.kl_estimator, p.kl_in == "reward", p.missing_eos_penalty,
-                          p.reward_clip, p.gamma, p.lam, p.whiten_advantages, r.samples_per_prompt, p.scale_by_std),
+                          p.reward_clip, p.gamma, p.lam, p.whiten_advantages, r.samples_per_prompt, p.scale_by_std,
+                          old_logp_pass),
             UpdateSettings(p.epochs, train.batch_size, p.clip, p.value_clip, r.temperature, p.kl_estimator,
                            p.kl_in == "loss", train.max_grad_norm, cfg.seed, p.ptx_coef, p.loss_aggregation,
                            r.max_new_tokens))
@@ -224,6 +230,8 @@ def ppo_step(run: Run, cfg: PPOConfig, s: PPOSetup, metrics: dict[str, MetricFn]
         stats = update(acc, exp, s.models, s.optimizers, s.schedulers, s.kl_ctl.coef, update_settings, state.step,
                        s.kernels.plan, ptx_batches)
         t_update = time.perf_counter()
+        if exp.kl is None:  # the old log-probabilities came from the update's own pass
+            exp.kl = token_kl(exp, cfg.ppo.kl_estimator)
         gap = stats.pop("logprob_gap")
         # before the first update of a fresh run the policy is the reference: what they differ by is noise
         health = noise_floor(acc, exp, gap) if state.step == 0 else {}

@@ -60,6 +60,7 @@ class ScoreSettings:
     whiten_advantages: bool
     group_size: int = 1  # answers per prompt, consecutive rows
     scale_by_std: bool = True
+    old_logp_pass: bool = True  # score the rollout under the policy here (else the update's pass supplies it)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,16 @@ class UpdateSettings:
     ptx_coef: float = 0.0
     loss_aggregation: str = "token_mean"  # llmstack.rl.aggregation's modes
     max_new_tokens: int = 1  # the rollout's limit, Dr. GRPO's constant
+
+
+def needs_old_logp_pass(epochs: int, minibatch_size: int, rollout_rows: int, kl_in_reward: bool) -> bool:
+    """Whether the "old" (rollout-time) log-probabilities need a scoring pass of their own. They do not when
+    the update takes exactly one optimiser step per rollout (one epoch, one minibatch of all `rollout_rows`
+    rows on this process) and the advantages do not read the KL: then the update's own pass runs on the
+    rollout's weights, and its detached log-probabilities are, by the one-road rule of
+    `llmstack.models.forward`, the numbers the scoring pass would compute, bit for bit. After a first
+    optimiser step the policy has moved, and a KL in the reward is needed before the update starts."""
+    return epochs > 1 or minibatch_size < rollout_rows or kl_in_reward
 
 
 def generate(acc, engine: RolloutEngine, policy, prompts: dict, seed: int, step: int,
@@ -98,10 +109,13 @@ def score(acc, exp: Experience, models: RLModels, inputs: RewardInputs, sources:
     """Fill in everything the update needs: old and reference log-probabilities, values, scores, the per-token
     KL, and advantages and returns from the estimator. Every model runs under the run's autocast: the trained
     ones get it from `accelerator.prepare`, the frozen reference does not, and a reference computed in another
-    precision than the policy reads precision noise as KL."""
+    precision than the policy reads precision noise as KL. Without `old_logp_pass` (`needs_old_logp_pass`),
+    `exp.logp` and `exp.kl` stay None for `update` to fill in, and the estimator, which then does not read the
+    KL, gets zeros."""
     s = settings
     with acc.autocast():
-        exp.logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
+        if s.old_logp_pass:
+            exp.logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
         if models.reference is None:
             with adapters_disabled(models.policy):
                 exp.ref_logp, _ = token_logprobs(models.policy, *exp.response_args(), s.temperature, kernels)
@@ -116,12 +130,19 @@ def score(acc, exp: Experience, models: RLModels, inputs: RewardInputs, sources:
     if s.reward_clip is not None:
         scores = scores.clamp(-s.reward_clip, s.reward_clip)
     exp.scores = scores
-    exp.kl = KL_ESTIMATORS[s.kl_estimator](exp.logp, exp.ref_logp) * exp.mask
+    if s.old_logp_pass:
+        exp.kl = token_kl(exp, s.kl_estimator)
     estimate = EstimatorSettings(group_size=s.group_size, kl_coef=kl_coef if s.kl_in_reward else 0.0, gamma=s.gamma,
                                  lam=s.lam, scale_by_std=s.scale_by_std, whiten=s.whiten_advantages)
-    exp.advantages, exp.returns = ESTIMATORS[s.estimator].fn(scores, exp.kl, exp.mask, exp.values, estimate,
+    kl_BR = exp.kl if exp.kl is not None else torch.zeros_like(exp.ref_logp)
+    exp.advantages, exp.returns = ESTIMATORS[s.estimator].fn(scores, kl_BR, exp.mask, exp.values, estimate,
                                                              lambda t: acc.reduce(t, "sum"))
     return exp
+
+
+def token_kl(exp: Experience, kl_estimator: str) -> torch.Tensor:
+    """The per-token KL estimate [B, R] of the rollout's policy to the reference, 0 on padding."""
+    return KL_ESTIMATORS[kl_estimator](exp.logp, exp.ref_logp) * exp.mask
 
 
 def ptx_loss(acc, policy, ptx_batches, coef: float, kernels: KernelPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,16 +156,19 @@ def ptx_loss(acc, policy, ptx_batches, coef: float, kernels: KernelPlan) -> tupl
 
 def _policy_loss(acc, exp: Experience, idx, models: RLModels, kl_coef: float, s: UpdateSettings,
                  kernels: KernelPlan):
-    """(this process's share of the minibatch's global policy loss, its statistics, entropy [b, R])."""
+    """(this process's share of the minibatch's global policy loss, its statistics, entropy [b, R], the
+    pass's detached log-probabilities [b, R]). Without old log-probabilities (`exp.logp` None) this pass's
+    own are the old ones."""
     mask = exp.mask[idx]
     logp, entropy = token_logprobs(models.policy, *exp.response_args(idx), s.temperature, kernels,
                                    with_entropy=True)
-    loss_bR, stats = ppo_policy_loss_tokens(logp, exp.logp[idx], exp.advantages[idx], mask, s.clip)
-    stats["logprob_gap"] = ((logp.detach() - exp.logp[idx]).abs() * mask).max()
+    old = exp.logp[idx] if exp.logp is not None else logp.detach()
+    loss_bR, stats = ppo_policy_loss_tokens(logp, old, exp.advantages[idx], mask, s.clip)
+    stats["logprob_gap"] = ((logp.detach() - old).abs() * mask).max()
     if s.kl_in_loss:
         loss_bR = loss_bR + kl_coef * KL_ESTIMATORS[s.kl_estimator](logp, exp.ref_logp[idx]) * mask
     counts = global_counts(mask, s.max_new_tokens, lambda t: acc.reduce(t, "sum"))
-    return aggregate(loss_bR, mask, s.loss_aggregation, counts), stats, entropy
+    return aggregate(loss_bR, mask, s.loss_aggregation, counts), stats, entropy, logp.detach()
 
 
 def _value_share(acc, exp: Experience, idx, value, clip: float) -> torch.Tensor:
@@ -161,8 +185,16 @@ def update(acc, exp: Experience, models: RLModels, optimizers, schedulers, kl_co
     also gets `ptx_coef` times a pretraining batch's loss gradient; the value model (when there is one) takes
     a clipped value step on the same minibatch. Returns the step's update metrics, with `logprob_gap`: the
     largest |log p| difference between the first minibatch's update pass and the rollout's (`score`) pass over
-    the same tokens and weights, over all processes (0 when both passes compute alike)."""
+    the same tokens and weights, over all processes (0 when both passes compute alike).
+
+    A rollout scored without its old log-probabilities (`needs_old_logp_pass` False) must be one minibatch of
+    one epoch; its first pass supplies them, and they are left in `exp.logp` (`exp.kl` is then `token_kl`'s
+    to compute)."""
     s = settings
+    from_update = exp.logp is None
+    if from_update and (s.epochs != 1 or s.minibatch_size < len(exp)):
+        raise ValueError(f"the rollout has no old log-probabilities, but the update takes {s.epochs} epoch(s) of "
+                         f"minibatches of {s.minibatch_size} over {len(exp)} rows: score it with old_logp_pass")
     ptx_total, n_minibatches, gap = 0.0, 0, None
     order = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
     losses = torch.zeros(2, device=acc.device, dtype=torch.float64)  # global values summed over minibatches
@@ -172,7 +204,9 @@ def update(acc, exp: Experience, models: RLModels, optimizers, schedulers, kl_co
         for idx in torch.randperm(len(exp), generator=order).split(s.minibatch_size):
             idx = idx.to(acc.device)
             mask = exp.mask[idx]
-            policy_share, stats, entropy = _policy_loss(acc, exp, idx, models, kl_coef, s, kernels)
+            policy_share, stats, entropy, logp = _policy_loss(acc, exp, idx, models, kl_coef, s, kernels)
+            if from_update:
+                exp.logp = torch.empty_like(logp).index_copy_(0, idx, logp)
             if gap is None:
                 gap = stats["logprob_gap"]
             objectives = [policy_share]
