@@ -241,3 +241,11 @@ def test_the_precision_flag_reaches_every_contender_and_keeps_the_fp32_table(tmp
     from transformers import TrainingArguments
     assert common.trainer_arguments(TrainingArguments, str(tmp_path), 2, 3, 1e-4, 0, precision="bf16").bf16
     assert not common.trainer_arguments(TrainingArguments, str(tmp_path), 2, 3, 1e-4, 0).bf16
+
+
+def test_peak_memory_is_a_high_water_mark_of_this_process():
+    before = common.peak_rss_mib()
+    block = bytearray(256 * 2**20)  # zero-filled: every page is touched, so all of it becomes resident
+    del block
+    # freed again, yet the mark keeps it (page size and the allocator's own pages blur it by well under 8 MiB)
+    assert common.peak_rss_mib() >= before + 256 - 8
