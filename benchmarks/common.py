@@ -51,15 +51,17 @@ class Clock(TrainerCallback):
         return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
-def trainer_arguments(config_class, out: str, batch: int, steps: int, lr: float, warmup: int, **overrides):
+def trainer_arguments(config_class, out: str, batch: int, steps: int, lr: float, warmup: int,
+                      precision: str = "fp32", **overrides):
     """`config_class` (TrainingArguments or a TRL config) with llmstack's optimiser defaults, one log row per
-    step, no checkpoints, the CPU, and llmstack's batches read in order unless `overrides` say otherwise."""
+    step, no checkpoints, the CPU, `precision` (fp32, or bf16 autocast over fp32 weights as llmstack's
+    `train.precision=bf16` does), and llmstack's batches read in order unless `overrides` say otherwise."""
     defaults = TrainConfig()
     settings = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
                     warmup_steps=warmup, weight_decay=defaults.weight_decay, adam_beta1=defaults.adam_betas[0],
                     adam_beta2=defaults.adam_betas[1], max_grad_norm=defaults.max_grad_norm, logging_steps=1,
                     save_strategy="no", report_to=[], use_cpu=True, seed=SEED, dataloader_num_workers=0,
-                    train_sampling_strategy="sequential")
+                    train_sampling_strategy="sequential", bf16=precision == "bf16")
     return config_class(**{**settings, **overrides})
 
 
@@ -69,7 +71,7 @@ TRAINER_SCHEDULE = dict(lr_scheduler_type="linear")
 LLMSTACK_SCHEDULE = ["train.schedule=linear", "train.min_lr_ratio=0", "train.warmup_steps=0"]
 # how the TRL comparisons align the two trainers, in the words of their tables
 ALIGNED_SETTINGS = (
-    "{steps} steps (rates are medians over the steps after the first {warmup}), fp32, lr {lr:g} decaying linearly "
+    "{steps} steps (rates are medians over the steps after the first {warmup}), {precision}, lr {lr:g} decaying linearly "
     "to 0 without warm-up (the Trainer's default, which llmstack's `linear` schedule with `min_lr_ratio=0` "
     "matches exactly), llmstack's AdamW settings in both, no gradient checkpointing in either (TRL's default "
     "would turn it on), {repeats} repeats each, interleaved, every contender in its own process"
@@ -149,18 +151,31 @@ def _median_rate(amounts: list[int], seconds: list[float], warmup: int) -> float
     return statistics.median(rates[warmup:] or rates)
 
 
+def peak_rss_mib() -> float:
+    """This process's resident-set high-water mark. Linux's `ru_maxrss` keeps the launching process's peak across
+    fork and exec (a harness that prepared the data in 900 MiB gave every contender at least that), so the
+    kernel's per-address-space mark (`VmHWM`) is read where there is one."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str], contenders: dict[str, Callable], quality: Callable[[str, str, str, int], dict]) -> None:
-    """Run contender NAME of `contenders` and print its results as one JSON line; `quality(init, data,
-    model_dir, seq)` scores the saved model after the peak memory has been read."""
-    name, init, data, out, seq, batch, steps, warmup = argv
+    """Run contender NAME of `contenders` in PRECISION (fp32 | bf16) and print its results, the training loss of
+    every step among them, as one JSON line; `quality(init, data, model_dir, seq)` scores the saved model after
+    the peak memory has been read."""
+    name, init, data, out, seq, batch, steps, warmup, precision = argv
     seq, batch, steps, warmup = int(seq), int(batch), int(steps), int(warmup)
-    run = contenders[name](init, data, out, seq, batch, steps)
+    run = contenders[name](init, data, out, seq, batch, steps, precision=precision)
     # other work on the machine slows every contender it overlaps; the table shows how much there was
     load = os.getloadavg()[0]
     result = {"load": load, "tokens_per_s": _median_rate(run.tokens, run.seconds, warmup),
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_rss_mib": peak_rss_mib(),
               "first_loss": run.losses[0], "last_loss": run.losses[-1],
-              "tokens_per_step": statistics.median(run.tokens)}
+              "tokens_per_step": statistics.median(run.tokens), "losses": run.losses}
     if run.items:
         result["items_per_s"] = _median_rate(run.items, run.seconds, warmup)
     if run.positions:

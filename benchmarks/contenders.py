@@ -1,7 +1,7 @@
 """The `pretrain` comparison's contenders, each run alone in this process (see run.py); prints one JSON line
 of results.
 
-    python -m benchmarks.contenders NAME INIT_DIR DATA OUT_DIR SEQ BATCH STEPS WARMUP
+    python -m benchmarks.contenders NAME INIT_DIR DATA OUT_DIR SEQ BATCH STEPS WARMUP PRECISION
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ LR, WARMUP_STEPS, SEED, HELD_OUT_FRACTION = 3e-4, 2, common.SEED, 0.05
 DESCRIPTION = (
     "Work: preset {preset}, vocabulary {vocabulary:,} (a byte-level BPE trained on the corpus, {vocab:,} asked "
     "for), {batch} x {seq} tokens per step, {steps} steps (tokens/s is the "
-    "median over steps after the first {warmup}), fp32, {repeats} repeats each, every contender in its own "
+    "median over steps after the first {warmup}), {precision}, {repeats} repeats each, every contender in its own "
     "process from the same initial weights and the same packed blocks. Peak memory: the process's resident-set "
     "high-water mark. Quality: mean next-token loss on the same held-out blocks after training. MFU: tokens/s x "
-    "the model's training FLOPs per token (6N + 12LHT) over this machine's measured fp32 matmul peak "
+    "the model's training FLOPs per token (6N + 12LHT) over this machine's measured {precision} matmul peak "
     "({peak_gflops:,.0f} GFLOP/s, {threads} threads)."
 )
 
@@ -67,7 +67,7 @@ def held_out_loss(model_dir: str, held_out, limit: int = 16) -> float:
     return total / count_targets(labels)
 
 
-def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
+def llmstack_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     from llmstack.config import PretrainConfig, load_config
     from llmstack.trainers.pretrain import pretrain
 
@@ -75,12 +75,12 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
         f"output_dir={out}", f"model.name_or_path={init}", f"data.train={data}", f"data.block_size={seq}",
         f"data.eval_fraction={HELD_OUT_FRACTION}", f"seed={SEED}", f"train.batch_size={batch}",
         f"train.max_steps={steps}", f"train.lr={LR}", f"train.warmup_steps={WARMUP_STEPS}", "train.log_every=1",
-        "train.eval_every=0", f"train.save_every={steps}", "train.precision=fp32", "train.keep_last=1"])
+        "train.eval_every=0", f"train.save_every={steps}", f"train.precision={precision}", "train.keep_last=1"])
     pretrain(cfg)
     return common.llmstack_steps(out)
 
 
-def hf_trainer_run(init, data, out, seq, batch, steps) -> common.Steps:
+def hf_trainer_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     """A plain `transformers.Trainer` causal-LM run with llmstack's optimiser settings."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
@@ -92,7 +92,7 @@ def hf_trainer_run(init, data, out, seq, batch, steps) -> common.Steps:
     dataset = Dataset.from_dict({"input_ids": train.input_ids[order].tolist(), "labels": train.labels[order].tolist()})
     clock = common.Clock()
     args = common.trainer_arguments(TrainingArguments, out, batch, steps, LR, WARMUP_STEPS,
-                                    lr_scheduler_type="cosine")
+                                    precision=precision, lr_scheduler_type="cosine")
     trainer = Trainer(model=load_causal_lm(init), args=args, train_dataset=dataset, callbacks=[clock])
     return common.trainer_steps(trainer, clock, out, tokens=[batch * seq] * steps)
 

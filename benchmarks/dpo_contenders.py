@@ -1,7 +1,7 @@
 """The `dpo` comparison: llmstack's DPO stage vs TRL's `DPOTrainer` on the same preference pairs; each contender
 runs alone in this process (see run.py) and prints one JSON line of results.
 
-    python -m benchmarks.dpo_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP
+    python -m benchmarks.dpo_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP PRECISION
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _scored_tokens(tokenizer, pairs, order, batch, steps) -> list[int]:
                 for r in pairs[i].responses) for s in range(steps)]
 
 
-def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
+def llmstack_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     from llmstack.config import DPOConfig, load_config
     from llmstack.trainers.dpo import dpo
 
@@ -83,7 +83,7 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
         f"data.eval={Path(data) / 'held_out.jsonl'}", f"data.max_length={seq}", f"seed={common.SEED}",
         f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.lr={LR}", f"dpo.beta={BETA}",
         *common.LLMSTACK_SCHEDULE, "train.log_every=1", "train.eval_every=0", f"train.save_every={steps}",
-        "train.precision=fp32", "train.keep_last=1"])
+        f"train.precision={precision}", "train.keep_last=1"])
     start = time.perf_counter()
     dpo(cfg)
     run_s = time.perf_counter() - start
@@ -93,7 +93,7 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
                                  items=[batch] * steps, extra={"run_s": run_s})
 
 
-def trl_run(init, data, out, seq, batch, steps) -> common.Steps:
+def trl_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -104,7 +104,7 @@ def trl_run(init, data, out, seq, batch, steps) -> common.Steps:
     dataset = Dataset.from_list([records[i] for i in order])
     clock = common.Clock()
     args = common.trainer_arguments(DPOConfig, out, batch, steps, LR, 0, **common.TRAINER_SCHEDULE,
-                                    max_length=seq, beta=BETA, bf16=False, precompute_ref_log_probs=False)
+                                    max_length=seq, beta=BETA, precision=precision, precompute_ref_log_probs=False)
     trainer = DPOTrainer(model=init, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
     setup_s = time.perf_counter() - started
     pairs = _pairs(data, "train")

@@ -1,7 +1,7 @@
 """The `grpo` comparison: llmstack's GRPO (the RL loop with the `grpo` estimator) vs TRL's `GRPOTrainer` on the
 same prompts; each contender runs alone in this process (see run.py) and prints one JSON line of results.
 
-    python -m benchmarks.grpo_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP
+    python -m benchmarks.grpo_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP PRECISION
 
 SEQ is the generation length, BATCH the prompts per step; every prompt gets G = 4 answers.
 """
@@ -26,7 +26,7 @@ DESCRIPTION = (
     "to {seq} new tokens, sampled at temperature 1 with Hugging Face `generate` in both; one optimiser step per "
     "rollout (one epoch, one minibatch of all answers), the original GRPO loss (per-answer token mean, then the "
     "batch mean), advantages divided by the group's standard deviation, KL to the reference as a k3 loss term "
-    "with beta " + str(BETA) + ", lr " + str(LR) + ", fp32. The reward is one Python function for both: the "
+    "with beta " + str(BETA) + ", lr " + str(LR) + ", {precision}. The reward is one Python function for both: the "
     "share of an answer's characters that are digits. Step time: generation, reward, reference and policy "
     "passes and the update, from the start of one step to the next. Peak memory: the process's resident-set "
     "high-water mark."
@@ -83,7 +83,7 @@ def _prompts(data: str) -> list[dict]:
     return [record for _, record in iter_records(str(Path(data) / "prompts.jsonl"))]
 
 
-def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
+def llmstack_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     from llmstack.config import GRPOConfig, load_config
     from llmstack.trainers.ppo import ppo
 
@@ -92,7 +92,7 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
         f"data.max_prompt_length={PROMPT_TOKENS}", f"seed={common.SEED}", f"rollout.batch_size={batch}",
         f"rollout.samples_per_prompt={GROUP}", f"rollout.max_new_tokens={seq}", "rollout.temperature=1.0",
         f"train.batch_size={batch * GROUP}", f"train.max_steps={steps}", f"train.lr={LR}", "train.log_every=1",
-        f"train.save_every={steps}", "train.precision=fp32", "train.keep_last=1", "ppo.epochs=1",
+        f"train.save_every={steps}", f"train.precision={precision}", "train.keep_last=1", "ppo.epochs=1",
         "ppo.estimator=grpo", "ppo.kl_in=loss", "ppo.kl_estimator=k3", f"ppo.kl_coef={BETA}", "ppo.kl_target=null",
         "ppo.loss_aggregation=sequence_mean", "ppo.scale_by_std=true", "samples_per_step=0",
         "kernels=reference", "reward_funcs=[benchmarks.grpo_contenders:digit_share]"])
@@ -104,7 +104,7 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
                         items=[batch * GROUP] * len(rows))
 
 
-def trl_run(init, data, out, seq, batch, steps) -> common.Steps:
+def trl_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -119,7 +119,7 @@ def trl_run(init, data, out, seq, batch, steps) -> common.Steps:
     args = common.trainer_arguments(GRPOConfig, out, batch * GROUP, steps, LR, 0, **common.TRAINER_SCHEDULE,
                                     num_generations=GROUP, max_completion_length=seq, temperature=1.0, beta=BETA,
                                     loss_type="grpo", scale_rewards="group", num_iterations=1,
-                                    shuffle_dataset=False, bf16=False, log_completions=False)
+                                    shuffle_dataset=False, precision=precision, log_completions=False)
     trainer = GRPOTrainer(model=init, reward_funcs=digit_share, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[clock])
     trainer.train()

@@ -1,7 +1,7 @@
 """The `reward` comparison: llmstack's reward stage vs TRL's `RewardTrainer` on the same preference pairs;
 each contender runs alone in this process (see run.py) and prints one JSON line of results.
 
-    python -m benchmarks.reward_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP
+    python -m benchmarks.reward_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP PRECISION
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _pairs(data: str, part: str) -> list:
     return list(iter_groups(str(Path(data) / f"{part}.jsonl")))
 
 
-def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
+def llmstack_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     from llmstack.config import RewardConfig, load_config
     from llmstack.trainers.reward import reward
 
@@ -88,7 +88,7 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
         f"data.eval={Path(data) / 'held_out.jsonl'}", f"data.max_length={seq}", f"seed={common.SEED}",
         f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.lr={LR}",
         *common.LLMSTACK_SCHEDULE, "train.log_every=1", "train.eval_every=0",
-        f"train.save_every={steps}", "train.precision=fp32", "train.keep_last=1"])
+        f"train.save_every={steps}", f"train.precision={precision}", "train.keep_last=1"])
     reward(cfg)
     # llmstack counts the tokens it runs, each prompt once per pair; the table's tokens are those of the scored
     # sequences (each prompt once per response), as TRL counts them, so both rates measure the same work
@@ -102,7 +102,7 @@ def llmstack_run(init, data, out, seq, batch, steps) -> common.Steps:
                                  items=[batch] * steps)
 
 
-def trl_run(init, data, out, seq, batch, steps) -> common.Steps:
+def trl_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -115,7 +115,7 @@ def trl_run(init, data, out, seq, batch, steps) -> common.Steps:
     dataset = Dataset.from_list([{"chosen_ids": chosen, "rejected_ids": rejected} for chosen, rejected in encoded])
     clock = common.Clock()
     args = common.trainer_arguments(RewardConfig, out, batch, steps, LR, 0, **common.TRAINER_SCHEDULE,
-                                    max_length=seq, bf16=False, activation_checkpointing=False)
+                                    max_length=seq, precision=precision, activation_checkpointing=False)
     trainer = RewardTrainer(model=init, args=args, train_dataset=dataset, processing_class=tokenizer,
                             callbacks=[clock])
     # each batch is padded to its longest response

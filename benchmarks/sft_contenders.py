@@ -1,7 +1,7 @@
 """The `sft` comparison: llmstack's SFT stage vs TRL's `SFTTrainer`, each with packing off and on, on the same
 conversations; each contender runs alone in this process (see run.py) and prints one JSON line of results.
 
-    python -m benchmarks.sft_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP
+    python -m benchmarks.sft_contenders NAME INIT_DIR DATA_DIR OUT_DIR SEQ BATCH STEPS WARMUP PRECISION
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ DESCRIPTION = (
     "best-fit-decreasing into one padding-free row per batch (boundaries from position ids), so their batches "
     "differ. Real tokens: the non-padding tokens of a step's input (llmstack's own log counts every position it "
     "runs, padding included; TRL's `num_tokens` counts these). MFU: real tokens/s x the model's training FLOPs "
-    "per token (6N + 12LHT at T = {seq}) over this machine's measured fp32 matmul peak ({peak_gflops:,.0f} "
+    "per token (6N + 12LHT at T = {seq}) over this machine's measured {precision} matmul peak ({peak_gflops:,.0f} "
     "GFLOP/s, {threads} threads). Peak memory: the process's resident-set high-water mark. Held-out loss: "
     "mean answer-token loss of the saved model on the held-out conversations, one conversation per forward, the "
     "same function for every contender."
@@ -124,7 +124,7 @@ def _kept(tokenizer, conversations: list, seq: int) -> tuple[list, list]:
 
 
 def llmstack_run(packing: bool):
-    def run(init, data, out, seq, batch, steps) -> common.Steps:
+    def run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
         from llmstack.config import SFTConfig, load_config
         from llmstack.trainers.sft import sft
 
@@ -133,7 +133,7 @@ def llmstack_run(packing: bool):
             f"data.eval={Path(data) / 'held_out.jsonl'}", f"data.max_length={seq}", f"data.packing={packing}",
             f"seed={common.SEED}", f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.lr={LR}",
             *common.LLMSTACK_SCHEDULE, "train.log_every=1", "train.eval_every=0",
-            f"train.save_every={steps}", "train.precision=fp32", "train.keep_last=1", "sample_prompts=0"])
+            f"train.save_every={steps}", f"train.precision={precision}", "train.keep_last=1", "sample_prompts=0"])
         sft(cfg)
         # llmstack counts every position it runs, padding included: count the real tokens of its batches
         tokenizer = load_tokenizer(init)
@@ -147,7 +147,7 @@ def llmstack_run(packing: bool):
 
 
 def trl_run(packing: bool):
-    def run(init, data, out, seq, batch, steps) -> common.Steps:
+    def run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
@@ -164,7 +164,7 @@ def trl_run(packing: bool):
         clock = common.Clock()
         args = common.trainer_arguments(
             SFTConfig, out, batch, steps, LR, 0, **common.TRAINER_SCHEDULE, max_length=seq,
-            packing=packing, assistant_only_loss=True, bf16=False, activation_checkpointing=False,
+            packing=packing, assistant_only_loss=True, precision=precision, activation_checkpointing=False,
             train_sampling_strategy=sampling)
         trainer = SFTTrainer(model=init, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[clock])

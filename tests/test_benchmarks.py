@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import reward_contenders, run, sft_contenders
+from benchmarks import common, precision_contenders, reward_contenders, run, sft_contenders
 from benchmarks.run import main
 from llmstack.data import chat, text
 from llmstack.losses import IGNORE_INDEX
@@ -169,3 +169,83 @@ def test_each_comparison_writes_its_own_columns_and_the_pairwise_ratios(tmp_path
     assert ("| contender | tokens/s (median, min-max) | speed vs llmstack | MFU | peak RSS (MiB) | first loss | "
             "held-out loss | load (1-min average at the end) |") in pretrain.splitlines()
     assert "(80 GFLOP/s, 2 threads)" in pretrain
+
+
+def _precision_result(speed, memory, held_out=None, losses=(10.0, 9.0, 8.0)):
+    result = {"tokens_per_s": speed, "peak_rss_mib": memory, "first_loss": losses[0], "last_loss": losses[-1],
+              "losses": list(losses), "load": 1.5}
+    return result if held_out is None else {**result, "held_out_loss": held_out}
+
+
+def test_precision_table_sets_each_row_against_its_own_stage_in_fp32(tmp_path):
+    results = {"pretrain-fp32": [_precision_result(1000, 2000, 8.0), _precision_result(1200, 2000, 8.0)],
+               "pretrain-bf16": [_precision_result(2090, 1800, 8.04)] * 2,
+               "ppo-fp32": [_precision_result(500, 1900)], "ppo-bf16": [_precision_result(800, 1805)],
+               "ppo-bf16-fp32weights": [_precision_result(790, 1900)]}
+    args = argparse.Namespace(comparison="precision", preset="p", vocab=32000, seq=256, batch=8, steps=10,
+                              warmup=3, repeats=2, precision=None)
+    facts = {"vocabulary": 32000, "data_name": "gutenberg", "pairs": 400, "held_out_pairs": 40}
+    table = run.write_table(args, run.COMPARISONS["precision"], results, facts, tmp_path / "precision.md", "cmd")
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| contender"))
+    assert "| speed vs fp32 |" in header and "| held-out loss vs fp32 |" in header
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in lines if line.startswith("| pretrain") or line.startswith("| ppo")}
+    # 2090 / median(1000, 1200) = 1.90; 8.04 / 8.0 - 1 = +0.50%; PPO has no held-out loss: empty cells
+    assert rows["pretrain-bf16"][:2] == ["2,090 (2,090-2,090)", "1.90x"] and rows["pretrain-bf16"][-2] == "+0.50%"
+    assert rows["pretrain-fp32"][1] == "1.00x" and rows["pretrain-fp32"][-2] == "+0.00%"
+    assert rows["ppo-bf16"][1] == "1.60x" and rows["ppo-bf16"][-3:-1] == ["", ""]
+    assert "- pretrain-bf16 / pretrain-fp32: speed 1.90x, peak memory 0.90x" in lines
+    assert "- ppo-bf16 / ppo-bf16-fp32weights: speed 1.01x, peak memory 0.95x" in lines
+
+
+def test_precision_plot_overlays_both_precisions_in_one_panel_per_stage(tmp_path, monkeypatch):
+    from llmstack.evaluation import plots
+
+    results = {"sft-fp32": [_precision_result(1, 1, losses=(3.0, 2.0))],
+               "sft-bf16": [_precision_result(1, 1, losses=(3.0, 2.1)), _precision_result(1, 1, losses=(9.0, 9.0))],
+               "ppo-bf16-fp32weights": [_precision_result(1, 1, losses=(0.5, 0.4))]}
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_panels", lambda path, panels, title: drawn.update(panels=panels))
+    precision_contenders.plot(results, tmp_path / "p.png")
+    # the first repeat of each, stages in pipeline order, labelled by what follows the stage's name
+    assert drawn["panels"] == [("sft training loss", {"fp32": ([1, 2], [3.0, 2.0]), "bf16": ([1, 2], [3.0, 2.1])}),
+                               ("ppo training loss", {"bf16-fp32weights": ([1, 2], [0.5, 0.4])})]
+    monkeypatch.undo()
+    path = precision_contenders.plot(results, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_precision_flag_reaches_every_contender_and_keeps_the_fp32_table(tmp_path, monkeypatch):
+    data = tmp_path / "hh.jsonl.gz"
+    data.write_bytes(b"")
+    commands = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = json.dumps({**_precision_result(100, 100, 0.7), "items_per_s": 1.0, "positions_per_step": 10,
+                             "held_out_accuracy": 0.5})
+
+    monkeypatch.setattr(run, "prepare", lambda comparison, args, work: {
+        "data": "d", "read": 2, "pairs": 2, "held_out": 1, "backbone": "b", "lr": 1e-5})
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kwargs: commands.append(cmd) or Done())
+    main(["reward", "--data", str(data), "--tokenizer-text", "", "--precision", "bf16", "--repeats", "1",
+          "--work", str(tmp_path / "work"),
+          "--out", str(tmp_path / "results")])
+    assert [c[-1] for c in commands] == ["bf16", "bf16"] and [c[3] for c in commands] == ["llmstack", "trl"]
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["reward-bf16.md"]
+    assert ", bf16, lr 1e-05" in (tmp_path / "results" / "reward-bf16.md").read_text()
+    with pytest.raises(SystemExit, match="--precision is for the comparisons with other trainers"):
+        main(["precision", "--data", str(data), "--precision", "bf16", "--work", str(tmp_path / "work")])
+    # the peers' own switch: bf16 autocast in the Trainer and TRL as in llmstack
+    from transformers import TrainingArguments
+    assert common.trainer_arguments(TrainingArguments, str(tmp_path), 2, 3, 1e-4, 0, precision="bf16").bf16
+    assert not common.trainer_arguments(TrainingArguments, str(tmp_path), 2, 3, 1e-4, 0).bf16
+
+
+def test_peak_memory_is_a_high_water_mark_of_this_process():
+    before = common.peak_rss_mib()
+    block = bytearray(256 * 2**20)  # zero-filled: every page is touched, so all of it becomes resident
+    del block
+    # freed again, yet the mark keeps it (page size and the allocator's own pages blur it by well under 8 MiB)
+    assert common.peak_rss_mib() >= before + 256 - 8
