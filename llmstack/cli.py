@@ -18,6 +18,7 @@ import yaml
 from llmstack.config import (ConfigError, CurateConfig, DPOConfig, GRPOConfig, PipelineConfig, PPOConfig,
                              PretrainConfig, RewardConfig, SFTConfig, describe, load_config)
 from llmstack.data.sources import DataError
+from llmstack.smoke import STAND_IN as SMOKE_STAGES  # the stages a smoke run knows how to shrink
 from llmstack.trainers.base import NonFiniteLossError
 
 # errno -> what a user is told for the file-system failures they can act on
@@ -49,9 +50,10 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
         epilog="configuration keys (set in the YAML file or as key=value):\n" + "\n".join(describe(config_cls)))
     parser.add_argument("--config", help="YAML file with the run's configuration (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
-    parser.add_argument("--smoke", action="store_true",
-                        help="check the configuration, data and launch: a few steps on a tiny model of the same "
-                             "architecture family, into <output_dir>-smoke (llmstack.smoke)")
+    if stage in SMOKE_STAGES:
+        parser.add_argument("--smoke", action="store_true",
+                            help="check the configuration, data and launch: a few steps on a tiny model of the "
+                                 "same architecture family, into <output_dir>-smoke (llmstack.smoke)")
     return parser
 
 
@@ -88,7 +90,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
         hint = "" if args.config else f"; no --config was given, {example_command(stage)}"
         print(f"llmstack {stage}: configuration error: {err}{hint}", file=sys.stderr)
         return 2
-    if args.smoke:
+    if getattr(args, "smoke", False):
         from llmstack.smoke import smoke_config
 
         try:

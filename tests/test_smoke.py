@@ -12,7 +12,10 @@ import pytest
 from llmstack.models.architectures import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted(p.name for p in (REPO / "configs/examples").glob("*.yaml") if not p.name.startswith("curate"))
+# --smoke shrinks a training stage; curation has nothing to shrink, and a pipeline config is loaded and
+# validated with every other config (tests/test_config.py) and its path run small in tests/trainers/test_pipeline.py
+EXAMPLES = sorted(p.name for p in (REPO / "configs/examples").glob("*.yaml")
+                  if not p.name.startswith(("curate", "pipeline")))
 
 
 @pytest.mark.slow
@@ -46,3 +49,11 @@ def test_the_family_comes_from_a_local_config_then_the_table_and_unknown_names_a
     assert source == "the table of known families"
     with pytest.raises(ValueError, match="cannot tell the architecture of 'acme/secret-model' offline"):
         tiny_config("acme/secret-model", 300)
+
+
+def test_only_the_training_stages_offer_smoke():
+    """--smoke shrinks a training stage; the pipeline and curation do not list an option they would refuse."""
+    from llmstack.cli import STAGES, stage_parser
+
+    offered = {stage for stage in STAGES if "--smoke" in stage_parser(stage).format_help()}
+    assert offered == {"pretrain", "sft", "reward", "ppo", "grpo", "dpo"}
