@@ -89,3 +89,16 @@ def stop_at_step(monkeypatch, step: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsLog, "log", log)
+
+
+def reward_backbone(root) -> tuple:
+    """A fresh llama-1m (128-token context) with a byte-level BPE trained on the built-in stories and ranked
+    answers, saved at root/model as a reward stage's starting checkpoint; (path, tokenizer)."""
+    from llmstack.data.synthetic import corpus, preferences
+    from llmstack.data.text import train_tokenizer
+    from llmstack.models.causal_lm import build_from_preset, save_model
+
+    texts = corpus(200) + [r for rec in preferences(50) for r in rec["responses"]]
+    tokenizer = train_tokenizer(texts, 384)
+    save_model(build_from_preset("llama-1m", tokenizer, 128, seed=0), tokenizer, root / "model")
+    return root / "model", tokenizer

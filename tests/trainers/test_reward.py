@@ -9,23 +9,16 @@ from transformers import AutoModelForSequenceClassification
 from llmstack.config import RewardConfig, load_config
 from llmstack.data.chat import ensure_chat_template
 from llmstack.data.preference import PreferenceGroup, build_preference_rows, render
-from llmstack.data.synthetic import corpus, preferences
-from llmstack.data.text import train_tokenizer
 from llmstack.losses import ranking_loss_sum
-from llmstack.models.causal_lm import build_from_preset, save_model
 from llmstack.models.reward_model import load_reward_model, sequence_scores
 from llmstack.trainers.reward import group_scores, reward
 
-from helpers import assert_close_sums  # noqa: E402  (tests/trainers)
+from helpers import assert_close_sums, reward_backbone  # noqa: E402  (tests/trainers)
 
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    texts = corpus(200) + [r for rec in preferences(50) for r in rec["responses"]]
-    tokenizer = train_tokenizer(texts, 384)
-    path = tmp_path_factory.mktemp("backbone") / "model"
-    save_model(build_from_preset("llama-1m", tokenizer, 128, seed=0), tokenizer, path)
-    return path, tokenizer
+    return reward_backbone(tmp_path_factory.mktemp("backbone"))
 
 
 def padded(seqs, pad_id, left: bool):

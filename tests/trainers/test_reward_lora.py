@@ -10,13 +10,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from llmstack.config import ConfigError, RewardConfig, load_config
-from llmstack.data.synthetic import corpus, preferences
-from llmstack.data.text import train_tokenizer
-from llmstack.models.causal_lm import build_from_preset, save_model
 from llmstack.models.reward_model import load_reward_model, sequence_scores, statistics
 from llmstack.trainers.reward import reward
 
-from helpers import assert_close_sums, lora_parameter_count, metric_rows, stop_at_step  # noqa: E402  (tests/trainers)
+from helpers import (assert_close_sums, lora_parameter_count, metric_rows, reward_backbone,  # noqa: E402
+                     stop_at_step)  # (tests/trainers)
 
 peft = pytest.importorskip("peft")
 RANK = 4
@@ -25,11 +23,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    texts = corpus(200) + [r for rec in preferences(50) for r in rec["responses"]]
-    tokenizer = train_tokenizer(texts, 384)
-    path = tmp_path_factory.mktemp("backbone") / "model"
-    save_model(build_from_preset("llama-1m", tokenizer, 128, seed=0), tokenizer, path)
-    return path, tokenizer
+    return reward_backbone(tmp_path_factory.mktemp("backbone"))
 
 
 def config(tmp_path, path, name, *overrides):
