@@ -106,9 +106,7 @@ def model_facts(run: Run, model, lora=None) -> dict:
              "parameters": sum(numel(p) for p in model.parameters()),
              "trainable_parameters": sum(numel(p) for p in model.parameters() if p.requires_grad)}
     if lora is not None and lora.enabled:
-        facts["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                         "target_modules": list(lora.target_modules), "load_in_4bit": lora.load_in_4bit,
-                         "merge": lora.merge}
+        facts["lora"] = {key: value for key, value in to_dict(lora).items() if key != "enabled"}
     return facts
 
 
