@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from benchmarks.ppo.spec import Work, llmstack_overrides
 
 
@@ -91,6 +89,8 @@ def prompt_rows(work: Work, setup: Path, prompts_file: Path) -> None:
     ensure_chat_template(tokenizer)
     rows, _, _ = load_prompts(cfg, tokenizer)
     batches = iter(ShuffledBatches(rows, work.rollout, 0, 1, work.seed))
-    queries = torch.cat([next(batches)["input_ids"] for _ in range(work.steps)])
-    (setup / "queries.json").write_text(json.dumps(queries.tolist()))
+    # each rollout's rows left-padded to that rollout's longest prompt, as llmstack deals them; TRL's collator
+    # pads a batch to its longest row, so it leaves rows of one width as they are
+    queries = [row for _ in range(work.steps) for row in next(batches)["input_ids"].tolist()]
+    (setup / "queries.json").write_text(json.dumps(queries))
     work.save(setup / "work.json")
