@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from benchmarks.memory import peak_rss_mib
 from llmstack.config import TrainConfig
 from llmstack.data.batching import ShuffledBatches
 
@@ -149,18 +149,6 @@ def trainer_steps(trainer, clock: Clock, out: str, **fields) -> Steps:
 def _median_rate(amounts: list[int], seconds: list[float], warmup: int) -> float:
     rates = [a / s for a, s in zip(amounts, seconds)]
     return statistics.median(rates[warmup:] or rates)
-
-
-def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark. Linux's `ru_maxrss` keeps the launching process's peak across
-    fork and exec (a harness that prepared the data in 900 MiB gave every contender at least that), so the
-    kernel's per-address-space mark (`VmHWM`) is read where there is one."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str], contenders: dict[str, Callable], quality: Callable[[str, str, str, int], dict]) -> None:

@@ -9,7 +9,9 @@ SEQ is the generation length, BATCH the prompts per step; every prompt gets G = 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 from benchmarks import common
@@ -23,12 +25,15 @@ DESCRIPTION = (
     "Work: preset {preset} with fresh weights (policy and frozen reference), vocabulary {vocabulary:,} (a "
     "byte-level BPE trained on the questions{also}), GSM8K questions as plain-text prompts ({prompts} of at most "
     + str(PROMPT_TOKENS) + " tokens), {batch} prompts per step with G = " + str(GROUP) + " answers each of up "
-    "to {seq} new tokens, sampled at temperature 1 with Hugging Face `generate` in both; one optimiser step per "
+    "to {seq} new tokens, sampled at temperature 1 with Hugging Face `generate` (TRL, and llmstack's default "
+    "engine on CPU: `llmstack`) or llmstack's static-cache engine (`llmstack-static`, `rollout.engine=static`); "
+    "one optimiser step per "
     "rollout (one epoch, one minibatch of all answers), the original GRPO loss (per-answer token mean, then the "
     "batch mean), advantages divided by the group's standard deviation, KL to the reference as a k3 loss term "
     "with beta " + str(BETA) + ", lr " + str(LR) + ", {precision}. The reward is one Python function for both: the "
     "share of an answer's characters that are digits. Step time: generation, reward, reference and policy "
-    "passes and the update, from the start of one step to the next. Peak memory: the process's resident-set "
+    "passes and the update, from the start of one step to the next; generation: llmstack's own time of the "
+    "rollout's sampling (median over the steps after the first). Peak memory: the process's resident-set "
     "high-water mark."
 )
 
@@ -85,7 +90,7 @@ def _prompts(data: str) -> list[dict]:
     return [record for _, record in iter_records(str(Path(data) / "prompts.jsonl"))]
 
 
-def llmstack_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
+def llmstack_run(init, data, out, seq, batch, steps, precision="fp32", engine="auto") -> common.Steps:
     from llmstack.config import GRPOConfig, load_config
     from llmstack.trainers.ppo import ppo
 
@@ -97,13 +102,14 @@ def llmstack_run(init, data, out, seq, batch, steps, precision="fp32") -> common
         f"train.save_every={steps}", f"train.precision={precision}", "train.keep_last=1", "ppo.epochs=1",
         "ppo.estimator=grpo", "ppo.kl_in=loss", "ppo.kl_estimator=k3", f"ppo.kl_coef={BETA}", "ppo.kl_target=null",
         "ppo.loss_aggregation=sequence_mean", "ppo.scale_by_std=true", "samples_per_step=0",
-        "kernels=reference", "reward_funcs=[benchmarks.grpo_contenders:digit_share]"])
+        f"rollout.engine={engine}", "kernels=reference", "reward_funcs=[benchmarks.grpo_contenders:digit_share]"])
     ppo(cfg)
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["time_generate"] + r["time_score"] + r["time_update"] for r in rows]
     tokens = [round(r["tokens_per_s"] * s) for r, s in zip(rows, seconds)]
     return common.Steps(seconds=seconds, tokens=tokens, losses=[r["loss"] for r in rows],
-                        items=[batch * GROUP] * len(rows))
+                        items=[batch * GROUP] * len(rows),
+                        extra={"generation_s": statistics.median(r["time_generate"] for r in rows[1:] or rows)})
 
 
 def trl_run(init, data, out, seq, batch, steps, precision="fp32") -> common.Steps:
@@ -137,7 +143,7 @@ def quality(init: str, data: str, model_dir: str, seq: int) -> dict:
     return {}
 
 
-CONTENDERS = {"llmstack": llmstack_run, "trl": trl_run}
+CONTENDERS = {"llmstack": llmstack_run, "llmstack-static": partial(llmstack_run, engine="static"), "trl": trl_run}
 
 
 if __name__ == "__main__":

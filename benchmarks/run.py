@@ -113,12 +113,13 @@ COMPARISONS = {
          LOAD],
         pairs=(("llmstack", "trl"),)),
     "grpo": Comparison(
-        "benchmarks.grpo_contenders", "llmstack,trl", SHARED_DATA / "gsm8k" / "train.jsonl",
+        "benchmarks.grpo_contenders", "llmstack,llmstack-static,trl", SHARED_DATA / "gsm8k" / "train.jsonl",
         [Column("answers/s (median, min-max)", "items_per_s", ",.2f", spread=True),
          Column("generated tokens/s (median, min-max)", "tokens_per_s", ",.0f", spread=True),
-         _speed("items_per_s"), Column("generated tokens/step", "tokens_per_step", ",.0f"), MEMORY,
+         _speed("items_per_s"), Column("generation (s / step)", "generation_s", ",.2f", spread=True),
+         Column("generated tokens/step", "tokens_per_step", ",.0f"), MEMORY,
          Column("peak RSS (MiB)", "peak_rss_mib", ",.0f"), LOAD],
-        pairs=(("llmstack", "trl"),)),
+        pairs=(("llmstack", "trl"), ("llmstack-static", "trl"), ("llmstack-static", "llmstack"))),
     "precision": Comparison(
         "benchmarks.precision_contenders",
         "pretrain-fp32,pretrain-bf16,sft-fp32,sft-bf16,reward-fp32,reward-bf16,dpo-fp32,dpo-bf16,ppo-fp32,ppo-bf16,"

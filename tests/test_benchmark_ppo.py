@@ -47,6 +47,15 @@ def test_the_spec_becomes_these_llmstack_settings():
     assert (r.max_new_tokens, r.temperature, r.top_p, p.missing_eos_penalty) == (20, 0.9, 1.0, None)
     assert (p.normalize_rewards, p.reward_clip, p.whiten_advantages, p.ptx_coef) == (False, None, True, 0.0)
     assert not cfg.lora.enabled
+    assert r.engine == "auto"
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_each_engine_contender_differs_from_the_default_run_in_its_engine_alone(engine):
+    default = llmstack_overrides(WORK, "policy", "reward", "prompts.jsonl", "out")
+    named = llmstack_overrides(WORK, "policy", "reward", "prompts.jsonl", "out", engine)
+    assert [o for o in named if o not in default] == [f"rollout.engine={engine}"]
+    assert load_config(PPOConfig, None, named).rollout.engine == engine
 
 
 def test_the_spec_becomes_these_trl_settings():
@@ -100,7 +109,7 @@ def setup(tmp_path_factory):
     with open(prompts, "w") as fh:
         for i in range(12):
             fh.write(json.dumps(f"Where is fox {i}?" + " Tell me more." * (i % 4)) + "\n")
-    work = Work(rollout=4, minibatch=2, steps=3, max_prompt_tokens=24, seed=1)
+    work = Work(rollout=4, minibatch=2, steps=3, max_prompt_tokens=64, seed=1)
     prepare.preset_models(root / "setup", "llama-1m", 300, text, 64, work.seed)
     prepare.prompt_rows(work, root / "setup", prompts)
     return root / "setup", work
@@ -137,11 +146,16 @@ def test_trl_reads_the_prompt_rows_llmstack_deals(setup):
                                                           str(directory / "prompts.jsonl"), "out"))
     rows, _, _ = load_prompts(cfg, tokenizer)
     dealt = [b for _, b in zip(range(work.steps), ShuffledBatches(rows, work.rollout, 0, 1, work.seed))]
-    queries = torch.tensor(json.loads((directory / "queries.json").read_text()))
-    assert torch.equal(queries, torch.cat([b["input_ids"] for b in dealt]))
-    # each prompt once, and TRL's attention mask (every id but the pad id) is llmstack's
+    queries = json.loads((directory / "queries.json").read_text())
+    # TRL's loader takes `rollout` rows at a time, in order: each batch is the rows llmstack deals in that step,
+    # at that step's width
+    trl_batches = [torch.tensor(queries[i:i + work.rollout]) for i in range(0, len(queries), work.rollout)]
+    assert len(trl_batches) == len(dealt) and len({b.shape[1] for b in trl_batches}) > 1
+    for theirs, ours in zip(trl_batches, dealt):
+        assert torch.equal(theirs, ours["input_ids"])
+        # TRL's attention mask (every id but the pad id) is llmstack's
+        assert torch.equal((theirs != tokenizer.pad_token_id).long(), ours["attention_mask"])
     assert sorted(torch.cat([b["index"] for b in dealt]).tolist()) == list(range(work.rollout * work.steps))
-    assert torch.equal((queries != tokenizer.pad_token_id).long(), torch.cat([b["attention_mask"] for b in dealt]))
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert Work.load(directory / "work.json") == work
 

@@ -1,5 +1,6 @@
 """Per-step phase times of a PPO run, taken from outside the trainer by wrapping two of its own functions
-(the calls and their results are passed through untouched). Standard library only: both workers use it.
+(the calls and their results are passed through untouched). Standard library and `benchmarks.memory` only: both
+workers use it.
 
 A step runs from the start of one rollout's generation to the start of the next, so whatever a trainer
 does between steps (metrics, logging, garbage collection) counts in the step that did it; the last step
@@ -13,8 +14,9 @@ a slow step was spent waiting for a core that other work held.
 from __future__ import annotations
 
 import json
-import resource
 import time
+
+from benchmarks.memory import peak_rss_mib
 
 
 class Clock:
@@ -67,5 +69,4 @@ class Clock:
 def report(clock: Clock, rewards: list[float], kls: list[float]) -> None:
     """The worker's one line of results on stdout (the last line it prints), with the reward-model score
     and the KL to the reference (summed over a response's tokens) averaged over each step's rollout."""
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({**clock.steps(), "reward": rewards, "kl": kls, "peak_rss_mib": peak_mib}), flush=True)
+    print(json.dumps({**clock.steps(), "reward": rewards, "kl": kls, "peak_rss_mib": peak_rss_mib()}), flush=True)

@@ -1,6 +1,8 @@
 """llmstack's PPO stage as one contender, alone in this process; prints one JSON line of results.
 
-    python -m benchmarks.ppo.llmstack_worker SETUP_DIR OUT_DIR
+    python -m benchmarks.ppo.llmstack_worker SETUP_DIR OUT_DIR [ENGINE]
+
+ENGINE is `rollout.engine` (default: auto, what a run gets without setting it).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from benchmarks.ppo.spec import Work, llmstack_overrides
 
 
 def main(argv: list[str]) -> None:
-    setup, out = (Path(a) for a in argv)
+    setup, out = Path(argv[0]), Path(argv[1])
+    engine = argv[2] if len(argv) > 2 else "auto"
     work = Work.load(setup / "work.json")
     from llmstack.config import PPOConfig, load_config
     from llmstack.trainers import ppo as stage
 
     cfg = load_config(PPOConfig, None, llmstack_overrides(work, str(setup / "policy"), str(setup / "reward"),
-                                                          str(setup / "prompts.jsonl"), str(out)))
+                                                          str(setup / "prompts.jsonl"), str(out), engine))
     clock = Clock()
     # the loop looks these up in the module at every step, so the timed versions are the ones it calls
     stage.generate = clock.generation(

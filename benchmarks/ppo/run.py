@@ -5,6 +5,8 @@
 Each contender runs in its own process (TRL in its own virtual environment, made on first use: see
 venv.py), `--repeats` times, interleaved, from the same policy, reference, value and reward weights, on the
 same prompts in the same order, with the same rollout sizes and hyper-parameters (spec.py), in fp32.
+llmstack runs once per rollout engine asked for (`llmstack`: the default, `auto`; `llmstack-hf`,
+`llmstack-static`), so the step time of each engine stands beside the others and TRL's.
 Models: `tiny` (an llmstack preset with fresh weights and a tokenizer trained on real text) and `smollm2`
 (the pretrained SmolLM2-135M-Instruct). Results go to benchmarks/results/ppo.md.
 """
@@ -33,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEXT = SHARED_DATA / "gutenberg"  # three novels: enough text for a full 32k-token vocabulary
 DEFAULT_PROMPTS = SHARED_DATA / "oasst_en100" / "prompt_lottery_en_250_text.jsonl"
 LLMSTACK, TRL = "llmstack", "trl-1.12"
+# llmstack contenders by the rollout engine they generate with: `llmstack` is what a run gets by default
+ENGINES = {LLMSTACK: "auto", "llmstack-hf": "hf", "llmstack-static": "static"}
 TARGET = 0.5  # llmstack's step time as a fraction of TRL's
 LOAD_EVERY_S = 2
 MAX_POSITIONS = 256  # of the tiny model: room for a prompt plus a response at every size used here
@@ -118,7 +122,8 @@ def _args(argv):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads per contender (default: torch's, one per "
                         "core); 1 keeps timings steadier while other work shares the cores")
-    parser.add_argument("--contenders", default=f"{LLMSTACK},{TRL}")
+    parser.add_argument("--contenders", default=f"{LLMSTACK},llmstack-static,{TRL}",
+                        help=f"comma-separated, from {', '.join([*ENGINES, TRL])}")
     parser.add_argument("--work", default="runs/benchmarks")
     parser.add_argument("--trl-venv", default="runs/benchmarks/trl112-venv")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ppo.md"))
@@ -159,14 +164,13 @@ def set_up(model: str, args, root: Path) -> tuple[Path, str]:
 def run_contender(name: str, setup: Path, out: Path, trl_python: Path | None, threads: int | None) -> dict:
     if out.exists():
         shutil.rmtree(out)  # llmstack would resume a run directory left from before
-    module, python = (("benchmarks.ppo.trl_worker", trl_python) if name == TRL
-                      else ("benchmarks.ppo.llmstack_worker", sys.executable))
+    command = ([str(trl_python), "-m", "benchmarks.ppo.trl_worker", str(setup), str(out)] if name == TRL
+               else [sys.executable, "-m", "benchmarks.ppo.llmstack_worker", str(setup), str(out), ENGINES[name]])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen([str(python), "-m", module, str(setup), str(out)], stdout=stdout, stderr=stderr,
-                                text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env, cwd=REPO)
         # other work on the machine slows both contenders unevenly: the load beside each run goes in the table
         load = []
         while proc.poll() is None:
@@ -193,7 +197,8 @@ def section(model_label: str, args, results: dict[str, list[dict]]) -> list[str]
             f"run's times are the median over {measured} steps; {args.repeats} repeats, interleaved. Cells: "
             "median over repeats (min-max).", "",
             *speed_table(results, args.warmup, TRL), "",
-            target_line(results, args.warmup, LLMSTACK, TRL, TARGET), "",
+            *[line for name in results if name in ENGINES and TRL in results
+              for line in (target_line(results, args.warmup, name, TRL, TARGET), "")],
             "Behaviour, step by step (mean reward-model score and KL of each rollout, median over repeats):", "",
             *behaviour_table(results), ""]
 
@@ -202,7 +207,10 @@ def write(path: Path, command: str, minutes: float, sections: list[str], trl_sid
     text = "\n".join([
         f"# ppo: llmstack vs TRL {TRL_VERSION.rstrip('.*')} PPO, side by side", "",
         f"Machine: {machine()}", "", trl_side, "", f"Command: `{command}` (took {minutes:.1f} min, {time.strftime('%Y-%m-%d')})",
-        "", "Step: from the start of one rollout's generation to the start of the next (so everything a trainer "
+        "", "Contenders: `llmstack` generates with the rollout engine a run gets by default (`rollout.engine: auto`: "
+        "`hf` on CPU, `static` on CUDA where the architecture supports a static cache), `llmstack-hf` and "
+        "`llmstack-static` with that engine by name; everything else about the llmstack runs is the same.", "",
+        "Step: from the start of one rollout's generation to the start of the next (so everything a trainer "
         "does per step counts). Generation: sampling the responses. Scoring: the no-grad forward passes for "
         "log-probabilities, reference log-probabilities, values and reward scores, and the advantages. "
         "Update: the rest of the step (the PPO epochs' forward, backward and optimiser steps, and the step's "
@@ -223,9 +231,9 @@ def main(argv=None) -> None:
     args = _args(argv)
     start = time.time()
     names = args.contenders.split(",")
-    unknown = set(names) - {LLMSTACK, TRL}
+    unknown = set(names) - {*ENGINES, TRL}
     if unknown:
-        raise SystemExit(f"unknown contenders {sorted(unknown)}; choose from {LLMSTACK}, {TRL}")
+        raise SystemExit(f"unknown contenders {sorted(unknown)}; choose from {', '.join([*ENGINES, TRL])}")
     trl_python = ensure_trl_venv(Path(args.trl_venv)) if TRL in names else None
     root = Path(args.work) / "ppo"
     sections = []

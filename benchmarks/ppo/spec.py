@@ -44,9 +44,10 @@ class Work:
         return cls(**{**data, "adam_betas": tuple(data["adam_betas"])})
 
 
-def llmstack_overrides(work: Work, policy: str, reward: str, prompts: str, output_dir: str) -> list[str]:
-    """`key=value` overrides of llmstack's PPOConfig. The reward model's directory is also the value model's
-    start, as in TRL's examples."""
+def llmstack_overrides(work: Work, policy: str, reward: str, prompts: str, output_dir: str,
+                       engine: str = "auto") -> list[str]:
+    """`key=value` overrides of llmstack's PPOConfig, generating with rollout engine `engine`. The reward model's
+    directory is also the value model's start, as in TRL's examples."""
     return [
         f"output_dir={output_dir}", f"seed={work.seed}", f"model.name_or_path={policy}",
         f"reward_model.name_or_path={reward}", f"value_model.name_or_path={reward}",
@@ -57,7 +58,7 @@ def llmstack_overrides(work: Work, policy: str, reward: str, prompts: str, outpu
         # TRL's PPO loop never clips gradients
         "train.max_grad_norm=0", "train.precision=fp32", "train.log_every=1", f"train.save_every={work.steps}",
         f"rollout.batch_size={work.rollout}", f"rollout.max_new_tokens={work.new_tokens}",
-        f"rollout.temperature={work.temperature}", "rollout.top_p=1.0",
+        f"rollout.temperature={work.temperature}", "rollout.top_p=1.0", f"rollout.engine={engine}",
         f"ppo.epochs={work.epochs}", f"ppo.clip={work.clip}",
         f"ppo.value_clip={work.value_clip}", f"ppo.value_lr={work.lr}", f"ppo.gamma={work.gamma}",
         f"ppo.lam={work.lam}", f"ppo.kl_estimator={work.kl_estimator}", "ppo.kl_in=reward",
