@@ -55,6 +55,13 @@ NOTES = """Notes:
   dtype conversions autocast makes around fp32 master weights (each weight cast to bf16 at every use, results
   cast back for the ops autocast keeps in fp32). The fused AdamW step runs in fp32 on the master weights in
   both (4.0 s and 5.5 s).
+- Against the target (bf16 >= 1.8x fp32 in every stage, held-out loss within 1%): the losses hold (every
+  stage within 0.01%), the speed does not. On a quiet machine (load 1.0-1.7, 2026-12-02) bf16 gave 1.27x-1.47x
+  in pretraining, SFT, DPO and PPO; reward's 2.92x stands on an fp32 row whose two repeats differ threefold
+  (522 and 1,569 tokens/s). This CPU multiplies bf16 matrices about 4x faster than fp32, but at llama-25m's
+  width (384) matrix products are under half of a step (the profile above), and autocast's casts and the
+  elementwise ops, which bf16 speeds up far less, take the rest. The same run in an earlier session at a load of
+  3-12 gave 0.45x-8.2x: compare ratios only at a low load.
 - Read the load column first: other work on the machine slows whichever contender it overlaps, so speed ratios
   are only as good as the loads they were taken at; the held-out losses do not depend on it."""
 
