@@ -8,8 +8,8 @@
 - `auto`: `static` for a model on CUDA whose architecture transformers marks as running with a static cache
   (`_can_compile_fullgraph`, the flag `generate` itself reads before compiling), where its decoding step
   compiles and replays as a CUDA graph; `hf` for the rest, CPU included: on CPU the products are nearly all
-  of a decoding step in either engine, and the static engine measured 0.37x-1.45x of `generate`
-  (benchmarks/results/generation.md), no reliable win. It never picks `vllm`: that engine holds a second
+  of a decoding step in either engine (80%), and the static engine measured 1.14x `generate` on an idle
+  2-core CPU (benchmarks/results/generation.md), a small win. It never picks `vllm`: that engine holds a second
   copy of the weights and its own memory, which a user asks for by name.
 
 Adding an engine is one new module here with a class taking `(SamplingSettings, eos_token_id, pad_token_id)`,
