@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -187,7 +189,7 @@ def main(argv=None):
     model, label = load_model(args.model, args.work)
     rows = measure(model, ints(args.batches), ints(args.new_tokens), lengths, args.repeats, args.compile)
     extra = profile_static(model, max(ints(args.batches)), max(ints(args.new_tokens)), lengths) if args.profile else []
-    command = "python -m benchmarks.generation " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    command = "python -m benchmarks.generation " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = ["# Generation: rollout engines against model.generate", "", f"Machine: {machine()}", "",
              f"Command: `{command.strip()}` (took {(time.perf_counter() - started) / 60:.1f} min, "
              f"{time.strftime('%Y-%m-%d')}; 1-minute load {load_before:.1f} at the start)", "",

@@ -26,6 +26,7 @@ import argparse
 import collections
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -222,7 +223,7 @@ def main(argv=None) -> None:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return
-    command = "python -m benchmarks.packing " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.packing " + shlex.join(argv if argv is not None else sys.argv[1:])
     start = time.time()
     sizes = [int(size) for size in args.sizes.split(",") if size]
     tokenizer, files = prepare(args.work, sizes, args.corpus_mb, args.vocab)

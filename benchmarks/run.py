@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -304,7 +305,7 @@ def main(argv=None) -> None:
                 result["mfu"] = result["tokens_per_s"] * facts["flops_per_token"] / (facts["peak_gflops"] * 1e9)
             results[name].append(result)
             print(f"[bench] {name} repeat {repeat}: {results[name][-1]}", file=sys.stderr)
-    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(write_table(args, comparison, results, facts, Path(args.out) / f"{table}.md", command))
     if hasattr(comparison.load(), "plot"):
         comparison.load().plot(results, Path(args.out) / f"{table}.png")

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
     unknown = set(args.only.split(",")) - set(KINDS)
     if unknown:
         parser.error(f"--only: unknown kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
-    command = "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.kernels " + shlex.join(argv if argv is not None else sys.argv[1:])
     start = time.time()
     results = []
     for case in cases(args.quick, set(args.only.split(","))):

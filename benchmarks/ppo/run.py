@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,6 @@ def main(argv=None) -> None:
                 print(f"[ppo] {model} {name} repeat {repeat}: steps {[round(s, 2) for s in run['step_s']]} s, "
                       f"reward {[round(r, 3) for r in run['reward']]}", file=sys.stderr, flush=True)
         sections += section(label, args, results)
-    command = "python -m benchmarks.ppo " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.ppo " + shlex.join(argv if argv is not None else sys.argv[1:])
     trl_side = trl_environment(trl_python) if trl_python else "TRL not run."
     print(write(Path(args.out), command.strip(), (time.time() - start) / 60, sections, trl_side))
