@@ -56,11 +56,11 @@ NOTES = """Notes:
   spinning at their barriers on oversubscribed cores are counted. Its own wall-clock split over the 4
   measured steps of each repeat: generation 97-113 s, scoring 13-15 s, update 52-55 s. Generation, the
   same `generate` in both, is over half of each step, which bounds what the other phases can win.
-- The table: a load of ~3.3 (a 2-thread training run shared the 2 cores, alike for both contenders, whose
-  repeats interleave). llmstack's step takes 0.75x TRL's (1.34x its answers/s; 0.62x before the changes):
-  the target of 0.7x is missed by 0.05. What is left is generation, the same `generate` in both and over
-  half of each step: a faster engine than `generate` is the next lever (issue: rollouts at engine speed).
-  A run at a load of ~11 gave 1.21x, so the ratio moves with the load by about that much.
+- The table: an idle machine (load 0.5-0.9). llmstack's step takes 0.63x TRL's (1.58x its answers/s; 0.62x
+  its answers/s before the changes above), within the 0.7x target; with the static-cache engine 0.58x
+  (1.71x), whose generation takes 0.12 s a step against `generate`'s 0.14 s. Earlier runs of the same command
+  shared the cores with other jobs and gave 1.34x (load ~3.3) and 1.21x (load ~11): the ratio moves with the
+  load by that much.
 - Sampling differs between the two (each seeds its own generator), so the answers, and with a fresh model
   nearly all of them run to the full length, are the same amount of work but not the same tokens; the
   generated tokens per step are in the table.
