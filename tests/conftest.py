@@ -1,4 +1,5 @@
-"""Suite-wide set-up that must happen before anything imports llmstack, and the `device` fixture.
+"""Suite-wide set-up that must happen before anything imports llmstack, the `device` fixture, and one precision
+for `auto` on every CPU.
 
 Without a GPU, Triton kernels run only in Triton's interpreter, and only those defined after
 TRITON_INTERPRET=1 is set; this file is imported before every test module, so the kernels tests
@@ -39,6 +40,18 @@ def device(request, monkeypatch):
         yield "cuda"
         torch.backends.cuda.matmul.allow_tf32 = tf32
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32_on_every_cpu(monkeypatch, tmp_path_factory):
+    """`train.precision: auto` (the default) is bf16 on a CPU with AVX512-BF16 or AMX and fp32 on the rest, so
+    the same test would run in another precision on another CI machine. Tests see a CPU without either;
+    those about bf16 ask for it by name, and those about the CPU check pass their own flags."""
+    from llmstack.trainers import base
+
+    cpuinfo = tmp_path_factory.getbasetemp() / "cpuinfo-without-bf16"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    monkeypatch.setattr(base, "CPUINFO", cpuinfo)
 
 
 @pytest.fixture(autouse=True)

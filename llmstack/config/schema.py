@@ -78,7 +78,7 @@ class TrainConfig:
         "quarter of the optimiser's memory).")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 disables clipping.", ge=0.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "fp32", "Mixed precision (autocast) for forward/backward; model.dtype decides the weights. auto: bf16 on "
+        "auto", "Mixed precision (autocast) for forward/backward; model.dtype decides the weights. auto: bf16 on "
         "CUDA devices with bf16 and on CPUs with AVX512-BF16 or AMX, fp32 elsewhere (resolved value in "
         "record.json). fp16 needs CUDA.")
     log_every: int = option(10, "Write metrics.jsonl and trackers every N steps.", ge=1, le=COUNT_MAX)

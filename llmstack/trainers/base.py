@@ -33,14 +33,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX; /proc/cpuinfo's flags). Without
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX; CPUINFO's flags). Without
     either, torch emulates bf16 matmuls through fp32 and autocast only adds casts."""
     if cpuinfo is None:
         try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
+            cpuinfo = CPUINFO.read_text()
         except OSError:
             return False
     flags = set()

@@ -2,9 +2,11 @@
 the run records."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from llmstack.config import PPOConfig, load_config
 from llmstack.models.causal_lm import build_from_preset, load_causal_lm, weight_dtype
@@ -85,6 +87,40 @@ def test_the_record_holds_the_resolved_precision_and_what_each_model_was_loaded_
     # the backbone was saved by hand, not by an llmstack run: an outside checkpoint, at RewardConfig's 1e-5
     learning_rate = json.loads((tmp_path / "rm/record.json").read_text())["learning_rate"]
     assert learning_rate == {"lr": 1e-5, "weight_decay": 0.1, "starts_from_outside_checkpoint": True}
+
+
+def test_by_default_a_run_takes_bf16_where_the_cpu_has_it_and_records_both(tmp_path, policy, monkeypatch):
+    """The default is `auto`; tests/conftest.py shows every test a CPU without bf16, so here one with it."""
+    from llmstack.config import RewardConfig
+    from llmstack.trainers import base
+    from llmstack.trainers.reward import reward
+
+    assert RewardConfig().train.precision == "auto"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format("avx512f avx512_bf16"))
+    monkeypatch.setattr(base, "CPUINFO", cpuinfo)
+    path, _ = policy
+    reward(load_config(RewardConfig, None, [
+        f"output_dir={tmp_path / 'rm'}", f"model.name_or_path={path}", "data.train=synthetic:40",
+        "data.max_length=48", "train.batch_size=4", "train.max_steps=2", "train.eval_every=0"]))
+    precision = json.loads((tmp_path / "rm/record.json").read_text())["precision"]
+    assert (precision["train_precision"], precision["compute"]) == ("auto", "bf16")
+
+
+def test_every_tiny_config_pins_fp32_so_the_built_in_task_reads_the_same_on_every_cpu():
+    def train_sections(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "train" and isinstance(value, dict):
+                    yield value
+                yield from train_sections(value)
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "tiny").glob("*.yaml"))
+    found = {path.name: [t.get("precision") for t in train_sections(yaml.safe_load(path.read_text()))]
+             for path in configs}
+    assert found["pipeline.yaml"] == ["fp32"] * 6
+    assert all(precisions == ["fp32"] for name, precisions in found.items()
+               if name not in ("pipeline.yaml", "curate.yaml")), found
 
 
 def test_a_from_scratch_learning_rate_on_an_outside_checkpoint_is_warned_about_and_recorded(tmp_path):

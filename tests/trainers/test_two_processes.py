@@ -60,9 +60,11 @@ def read_ranks(out: Path) -> dict:
 
 def launch_two(stage: str, out: Path, *overrides: str, layout: str = "ddp", stop_at: int | None = None) -> dict:
     """Run `stage` in 2 processes under `layout`; assert a real 2-process group of that layout with identical
-    (whole) parameters on both ranks. Launched from the repository root, as the README's commands are."""
+    (whole) parameters on both ranks. Launched from the repository root, as the README's commands are. fp32
+    unless `overrides` say otherwise: the one-process runs they are compared with resolve `auto` to fp32 (see
+    tests/conftest.py), which the launched processes, outside pytest, would not."""
     cmd = [*launcher(layout, "--main_process_port", str(free_port())),
-           str(REPO / "tests/trainers/two_process_stage.py"), stage, str(out), *overrides]
+           str(REPO / "tests/trainers/two_process_stage.py"), stage, str(out), "train.precision=fp32", *overrides]
     env = {**os.environ, **({"STOP_AT_STEP": str(stop_at)} if stop_at else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
