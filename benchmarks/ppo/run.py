@@ -181,7 +181,11 @@ def run_contender(name: str, setup: Path, out: Path, trl_python: Path | None, th
         stderr.seek(0)
         if proc.returncode != 0:
             raise RuntimeError(f"contender {name} failed:\n{stderr.read()[-3000:]}")
-        return {**json.loads(stdout.read().strip().splitlines()[-1]), "load": sum(load) / len(load)}
+        result = {**json.loads(stdout.read().strip().splitlines()[-1]), "load": sum(load) / len(load)}
+    # its checkpoints of four models (about 3.5 GB for SmolLM2) are not part of the comparison; a run of every
+    # contender and repeat would otherwise fill tens of GB
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def section(model_label: str, args, results: dict[str, list[dict]]) -> list[str]:
