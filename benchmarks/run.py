@@ -207,6 +207,8 @@ def run_contender(comparison: Comparison, name: str, args, work: Path, data: str
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
     if proc.returncode != 0:
         raise RuntimeError(f"contender {name} failed:\n{proc.stderr[-3000:]}")
+    # the saved model and checkpoints have given their numbers; kept, every contender and repeat adds its own
+    shutil.rmtree(out, ignore_errors=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
