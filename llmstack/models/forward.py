@@ -41,8 +41,10 @@ def lm_loss_sum(model, labels_BT: torch.Tensor, kernels: KernelPlan, **inputs) -
 
 
 def _fused_loss_sum(weight, bias, hidden, labels_BT, kernels: KernelPlan) -> torch.Tensor:
+    """The head's matmuls in the caller's autocast dtype when one is on (trainers run the loss under the run's
+    autocast), else in the hidden states' dtype."""
     if hidden.dtype != weight.dtype:
-        # mixed precision: the stock head would run under the model's autocast, so run this one likewise
+        # low-precision hidden states over fp32 weights: run the head as the model's autocast would
         with torch.autocast(device_type=hidden.device.type, dtype=hidden.dtype):
             return causal_linear_cross_entropy(hidden, weight, labels_BT, bias, kernels=kernels)
     return causal_linear_cross_entropy(hidden, weight, labels_BT, bias, kernels=kernels)

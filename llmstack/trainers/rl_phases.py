@@ -150,7 +150,8 @@ def ptx_loss(acc, policy, ptx_batches, coef: float, kernels: KernelPlan) -> tupl
     pretraining batch, scaled like the policy loss; that global loss, for the logs)."""
     batch = {k: v.to(acc.device) for k, v in next(ptx_batches).items()}
     n_tokens = acc.reduce(torch.tensor(float(count_targets(batch["labels"])), device=acc.device), "sum").clamp(min=1)
-    loss_sum = lm_loss_sum(policy, batch["labels"], kernels, input_ids=batch["input_ids"])
+    with acc.autocast():  # as the supervised step computes the same loss
+        loss_sum = lm_loss_sum(policy, batch["labels"], kernels, input_ids=batch["input_ids"])
     return coef * loss_sum * acc.num_processes / n_tokens, acc.reduce(loss_sum.detach().double(), "sum") / n_tokens
 
 

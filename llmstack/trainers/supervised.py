@@ -49,7 +49,11 @@ def optimizer_step(acc: Accelerator, model, optimizer, scheduler, micro_batches:
     total = torch.zeros((), device=acc.device)
     for batch in micro_batches:
         with acc.accumulate(model):
-            loss_sum = objective.loss_sum(model, to_device(batch, acc.device))
+            # the run's autocast over the whole loss, not only the model's forward (which accelerate wraps): a
+            # head applied outside the forward (the fused loss, a score head) then runs in the compute dtype as
+            # it would inside it, and as the held-out evaluation runs it
+            with acc.autocast():
+                loss_sum = objective.loss_sum(model, to_device(batch, acc.device))
             acc.backward(loss_sum * scale)
             total += loss_sum.detach().float()
     loss = acc.reduce(total, "sum").item() / n_global

@@ -134,3 +134,24 @@ def test_a_from_scratch_learning_rate_on_an_outside_checkpoint_is_warned_about_a
     (tmp_path / "pretrain/record.json").write_text(json.dumps({"stage": "pretrain"}))
     ours = learning_rate_facts("sft", str(run_model), 1e-3, 0.1)
     assert not ours["starts_from_outside_checkpoint"] and "warning" not in ours
+
+
+@pytest.mark.parametrize("precision, head", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_fused_training_loss_runs_the_head_in_the_compute_dtype_in_training_and_evaluation(
+        tmp_path, monkeypatch, precision, head):
+    """The stock LM head runs inside the model's forward, under the run's autocast; the fused loss applies the
+    head outside it, on fp32 hidden states (the residual stream), so it must be given the autocast itself, in
+    the training step as in the held-out evaluation."""
+    from llmstack.config import PretrainConfig
+    from llmstack.kernels import linear_cross_entropy
+    from llmstack.trainers.pretrain import pretrain
+
+    seen = []
+    dtype_of = linear_cross_entropy.compute_dtype
+    monkeypatch.setattr(linear_cross_entropy, "compute_dtype", lambda *t: seen.append(dtype_of(*t)) or seen[-1])
+    pretrain(load_config(PretrainConfig, None, [
+        f"output_dir={tmp_path}", "model.preset=llama-1m", "model.vocab_size=300", "data.train=synthetic:200",
+        "data.block_size=32", "train.batch_size=4", "train.max_steps=2", "train.eval_every=2",
+        "train.eval_batches=1", "train.warmup_steps=0", f"train.precision={precision}", "kernels=auto"]))
+    assert len(seen) >= 3  # two training steps and an evaluation batch
+    assert set(seen) == {head}
