@@ -48,20 +48,23 @@ DESCRIPTION = (
 
 NOTES = """Notes:
 - Where bf16 loses (torch.profiler over the whole pretraining stage call, 2 steps of 4 x 256 tokens, llama-25m,
-  2026-12-02, at a 1-minute load of about 10 on 2 cores): self CPU time 95.9 s in fp32 and 64.9 s in bf16, 1.48x.
+  2026-12-02, at a 1-minute load of about 10 on 2 cores, before the fix below): self CPU time 95.9 s in fp32
+  and 64.9 s in bf16, 1.48x.
   The matmuls (`aten::mm`) fall from 39.0 s to 14.1 s and the elementwise ops (`mul`, `mul_`, `add`, `add_`,
   `fill_`, `sum`, `neg`, `pow`: norms, rotary embeddings, SiLU, the loss's reductions) from 37.2 s to 20.5 s.
 - What takes the gain back is `aten::copy_`: 3.7 s over 550 calls in fp32, 16.2 s over 1,196 in bf16, the
   dtype conversions autocast makes around fp32 master weights (each weight cast to bf16 at every use, results
   cast back for the ops autocast keeps in fp32). The fused AdamW step runs in fp32 on the master weights in
   both (4.0 s and 5.5 s).
-- Against the target (bf16 >= 1.8x fp32 in every stage, held-out loss within 1%): the losses hold (every
-  stage within 0.01%), the speed does not. On a quiet machine (load 1.0-1.7, 2026-12-02) bf16 gave 1.27x-1.47x
-  in pretraining, SFT, DPO and PPO; reward's 2.92x stands on an fp32 row whose two repeats differ threefold
-  (522 and 1,569 tokens/s). This CPU multiplies bf16 matrices about 4x faster than fp32, but at llama-25m's
-  width (384) matrix products are under half of a step (the profile above), and autocast's casts and the
-  elementwise ops, which bf16 speeds up far less, take the rest. The same run in an earlier session at a load of
-  3-12 gave 0.45x-8.2x: compare ratios only at a low load.
+- Against the target (bf16 >= 1.8x fp32 in every stage, held-out loss within 1%), on an idle machine (load
+  1.4-1.7, 2026-12-02): the losses hold (every stage within 0.01%); pretraining (1.98x) and reward (1.80x)
+  reach the speed, SFT (1.67x), DPO (1.43x) and PPO (1.26x) do not. An earlier run the same day read
+  pretraining 1.43x and SFT 1.47x: the fused loss's LM head, applied outside the model's forward, ran in fp32
+  in bf16 training (fixed: the step now runs the whole loss under the run's autocast). DPO and PPO keep their
+  log-probability heads in fp32 on purpose (`llmstack/models/forward.py` says why: bf16 logits put an error
+  the size of the KL signal into every summed log-probability), and PPO's step is also generation, whose
+  products run in bf16 too but whose sampling and cache work do not shrink. What is left in the other stages
+  is the profile above: autocast's casts of the fp32 master weights and the elementwise ops.
 - Read the load column first: other work on the machine slows whichever contender it overlaps, so speed ratios
   are only as good as the loads they were taken at; the held-out losses do not depend on it."""
 
