@@ -193,6 +193,7 @@ def section(model_label: str, args, results: dict[str, list[dict]]) -> list[str]
     measured = w.steps - 1 - args.warmup
     threads = f"{args.threads} torch thread{'s' if args.threads > 1 else ''}" if args.threads else \
         "torch's default number of threads"
+    targets = [target_line(results, args.warmup, name, TRL, TARGET) for name in results if name in ENGINES]
     return [f"## {model_label}", "",
             f"Work per step: {w.rollout} prompts (at most {w.max_prompt_tokens} tokens) -> at most {w.new_tokens} "
             f"new tokens each at temperature {w.temperature}; {w.epochs} PPO epochs in minibatches of "
@@ -202,8 +203,7 @@ def section(model_label: str, args, results: dict[str, list[dict]]) -> list[str]
             f"run's times are the median over {measured} steps; {args.repeats} repeats, interleaved. Cells: "
             "median over repeats (min-max).", "",
             *speed_table(results, args.warmup, TRL), "",
-            *[line for name in results if name in ENGINES and TRL in results
-              for line in (target_line(results, args.warmup, name, TRL, TARGET), "")],
+            *[line for target in targets if target for line in (target, "")],
             "Behaviour, step by step (mean reward-model score and KL of each rollout, median over repeats):", "",
             *behaviour_table(results), ""]
 
